@@ -1,0 +1,34 @@
+# The few commands a user types. Every target builds .venv from the lock file first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Demo settings are overrides, never edits of params.yaml: random init (ImageNet
+# weights cannot be downloaded offline), 75 px images, few epochs.
+DEMO_SET := -S model.weights=null -S model.image_size=75 -S train.batch_size=32 \
+	-S train.head_epochs=3 -S train.finetune_epochs=1
+
+.PHONY: demo test bench ui install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m stages.demo_data data/raw
+	@echo ">>> Offline demo: model.weights=null (random init). ImageNet weights cannot be downloaded"
+	@echo ">>> without network, so accuracy is far below a real run's. Defaults in params.yaml are untouched."
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $(DEMO_SET)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,38 @@
+"""The `imgclf` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stages import __doc__ as PACKAGE_DOC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgclf",
+        description=PACKAGE_DOC,
+        epilog="The pipeline itself runs with `dvc repro` (see README.md).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo-data", help="write the offline demo dataset (digits) to a folder")
+    demo.add_argument("raw_dir", nargs="?", default="data/raw")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "demo-data":
+        from stages import demo_data
+
+        sys.argv = ["demo_data", args.raw_dir]
+        demo_data.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

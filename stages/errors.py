@@ -1,0 +1,33 @@
+"""User-facing errors: one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad params, missing data, no weights offline)."""
+
+
+def exits_cleanly(func: F) -> F:
+    """Wrap a stage's main(): a UserError prints one line and exits 2; bugs still raise."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

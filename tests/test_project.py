@@ -1,0 +1,83 @@
+"""The project as a user meets it: params errors, the CLI, and the DVC pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, make_class_folders, run_module, sh
+from ruamel.yaml import YAML
+
+from stages import paths
+from stages.params import Params, load_params
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("split:\n  val: 1.5\n", "split.val = 1.5 is not allowed: input should be less than 1"),
+        ("split:\n  val: 0.6\n  test: 0.5\n", "split.val + split.test = 0.6 + 0.5"),
+        ("model:\n  image_size: 64\n", "model.image_size = 64 is not allowed"),
+        ("train:\n  head_epochs: -2\n", "train.head_epochs = -2 is not allowed"),
+        ("train:\n  batch_size: '32'\n", "train.batch_size = '32' is not allowed"),
+        ("train:\n  learning_rate: 0.1\n", "unknown key train.learning_rate"),
+        ("model:\n  resize: fit\n", "'stretch', 'crop' or 'pad'"),
+        ("split: [1, 2\n", "params.yaml is not valid YAML"),
+    ],
+)
+def test_bad_params_exit_2_with_one_line_naming_the_key(tmp_path, yaml_text, expected):
+    (tmp_path / "params.yaml").write_text(yaml_text)
+    result = run_module("stages.prepare", tmp_path)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_shipped_params_are_the_real_run_defaults():
+    params = load_params(ROOT / "params.yaml")
+    assert params == Params()  # params.yaml and the code's defaults say the same thing
+    assert params.model.image_size == 299 and params.model.weights == "imagenet"
+    flat = params.flat()
+    for key in ("data.raw_dir", "data.labels_csv", "split.seed", "split.val", "split.test",
+                "model.image_size", "model.weights", "train.batch_size", "train.head_epochs",
+                "train.finetune_epochs", "mlflow.experiment", "mlflow.model_name"):
+        assert key in flat
+
+
+def test_params_yaml_comments_every_key():
+    text = (ROOT / "params.yaml").read_text().splitlines()
+    for line in text:
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and line.startswith("  "):
+            assert "#" in line, f"uncommented key: {line}"
+
+
+def test_imgclf_help():
+    exe = Path(sys.executable).parent / "imgclf"
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "usage: imgclf" in result.stdout
+
+
+def test_dvc_yaml_names_the_paths_the_code_writes():
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stages["prepare"]["outs"]}
+    assert outs == {str(paths.PREPARED_DIR), str(paths.PREPARE_REPORT)}
+    assert stages["prepare"]["params"] == ["data", "prepare", "split"]
+
+
+@pytest.mark.slow
+def test_dvc_repro_prepare_then_nothing_to_do(dvc_repo):
+    make_class_folders(dvc_repo / "data/raw", {"cat": 6, "dog": 6})
+    first = sh(["dvc", "repro", "prepare"], dvc_repo)
+    assert "Running stage 'prepare'" in first.stdout
+    assert (dvc_repo / "data/prepared/train.csv").is_file()
+    second = sh(["dvc", "repro", "prepare"], dvc_repo)
+    assert "Running stage" not in second.stdout
+    assert "up to date" in sh(["dvc", "status"], dvc_repo).stdout
+    # A prepare param change reruns it; the split moves with the seed.
+    sh(["dvc", "exp", "run", "-S", "split.seed=7", "prepare"], dvc_repo)
+    assert "Running stage" not in sh(["dvc", "repro", "prepare"], dvc_repo).stdout
