@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 # Demo settings are overrides, never edits of params.yaml: random init (ImageNet
 # weights cannot be downloaded offline), 75 px images, few epochs.
-DEMO_SET := -S model.weights=null -S model.image_size=75 -S train.batch_size=32 \
-	-S train.head_epochs=3 -S train.finetune_epochs=1
+DEMO_SET := -S model.weights=null -S model.image_size=75 -S augment.flip=none \
+	-S train.head_lr=0.01 -S train.head_epochs=15 -S train.early_stopping_patience=5 \
+	-S train.finetune_epochs=1
 
 .PHONY: demo test bench ui install clean-venv
 

@@ -1,1 +1,7 @@
 """imgclf: image classification by transfer learning with InceptionResNetV2, on DVC and MLflow."""
+
+import os
+
+# TensorFlow's C++ start-up chatter (oneDNN, CPU feature notes) buries the stage output
+# users read; warnings and errors still show. Set TF_CPP_MIN_LOG_LEVEL=0 to see it all.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

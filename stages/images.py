@@ -137,3 +137,39 @@ def inspect_image(path: Path, max_pixels: int, min_side: int) -> ImageInfo:
     if min(width, height) < min_side:
         raise ImageRejected("too_small", f"{width}x{height}, a side below min_side {min_side}")
     return ImageInfo(sha256=digest, width=width, height=height, format=fmt, mode=mode)
+
+
+# Pad colour for `resize: pad`: mid-grey maps to ~0 after InceptionResNetV2's [-1, 1] scaling,
+# the least informative value for the network.
+PAD_VALUE = (128, 128, 128)
+
+
+def fit_to_square(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """Resize an RGB image to size x size.
+
+    stretch: ignore the aspect ratio. crop: centre-crop the largest square, then resize
+    (what Keras's `smart_resize` and ImageNet evaluation do). pad: fit the whole image,
+    letterboxed with PAD_VALUE.
+    """
+    width, height = img.size
+    if mode == "crop" and width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    elif mode == "pad" and width != height:
+        scale = size / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new("RGB", (size, size), PAD_VALUE)
+        canvas.paste(img.resize(inner, Image.Resampling.BILINEAR),
+                     ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        return canvas
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return img
+
+
+def load_pixels(source: str | Path | bytes, size: int, mode: str,
+                max_pixels: int = 64_000_000) -> np.ndarray:
+    """Image file (path or bytes) -> uint8 array (size, size, 3), with prepare's decode rules."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return np.asarray(fit_to_square(decode_rgb(data, max_pixels), size, mode), dtype=np.uint8)

@@ -81,6 +81,8 @@ class TrainParams(_Section):
     lr_schedule: Literal["constant", "cosine", "exponential", "plateau"] = "constant"
     warmup_epochs: Epochs = 0
     decay_rate: float = Field(0.9, gt=0, le=1)
+    plateau_factor: float = Field(0.2, gt=0, lt=1)
+    plateau_patience: int = Field(2, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] = "none"
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"

@@ -10,3 +10,13 @@ PREPARE_REPORT = REPORTS_DIR / "prepare.json"
 
 def manifest(split: str) -> Path:
     return PREPARED_DIR / f"{split}.csv"
+AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
+MODELS_DIR = Path("models")
+MODEL_FILE = MODELS_DIR / "model.keras"
+CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
+BEST_WEIGHTS = CHECKPOINTS_DIR / "best.weights.h5"
+RESUME_DIR = CHECKPOINTS_DIR / "last"
+TRAIN_REPORT = REPORTS_DIR / "train.json"
+TRAIN_METRICS = REPORTS_DIR / "train_metrics.json"
+TRAIN_HISTORY = REPORTS_DIR / "plots" / "train_history.csv"
+TRAIN_CURVES = REPORTS_DIR / "train_curves.png"

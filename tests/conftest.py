@@ -106,3 +106,35 @@ def dvc_repo(tmp_path) -> Path:
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "init"], repo)
     return repo
+
+
+TINY = {  # the shrunk real run every training test starts from
+    "model__image_size": 75, "model__weights": None, "train__batch_size": 4,
+    "train__head_epochs": 1, "train__finetune_epochs": 1, "train__head_lr": 0.01,
+    "augment__preview_images": 2, "augment__preview_views": 2,
+}
+
+
+@pytest.fixture
+def tiny_project(project) -> Path:
+    """A project with 3 classes x 7 images prepared, and params shrunk for speed."""
+    make_class_folders(project / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
+    set_params(project, **TINY)
+    result = run_module("stages.prepare", project)
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env():
+    """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI in os.environ; without this,
+    one test's store would leak into the stages that later tests start as subprocesses."""
+    import os
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    for key in saved:
+        del os.environ[key]
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(saved)

@@ -1,0 +1,82 @@
+"""The registered model: an MLflow pyfunc that takes image files, not tensors.
+
+Input: a DataFrame with a column `image` whose values are base64-encoded file bytes (what
+JSON clients send), raw bytes, or file paths. Output per image: `label`, `confidence`,
+`top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
+read: one bad upload does not fail the batch). Inside: the `.keras` model, `classes.json`,
+and the decode and resize rules of the pipeline.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from stages.images import ImageRejected, load_pixels
+
+
+def image_bytes(value) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ImageRejected("bad_input", f"expected base64 text, bytes or a path, got "
+                                         f"{type(value).__name__}")
+    if len(value) < 4096 and Path(value).is_file():
+        return Path(value).read_bytes()
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageRejected("bad_input", "neither base64 image bytes nor an existing file") \
+            from None
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import keras
+
+        self.model = keras.models.load_model(context.artifacts["keras_model"], safe_mode=True)
+        self.classes = json.loads(Path(context.artifacts["classes"]).read_text("utf-8"))
+        config = json.loads(Path(context.artifacts["config"]).read_text("utf-8"))
+        self.image_size = int(config["image_size"])
+        self.resize = config["resize"]
+        self.max_pixels = int(config.get("max_pixels", 64_000_000))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        top_k = int((params or {}).get("top_k", 5))
+        values = model_input["image"].tolist()
+        pixels, errors = [], []
+        for value in values:
+            try:
+                pixels.append(load_pixels(image_bytes(value), self.image_size, self.resize,
+                                          self.max_pixels))
+                errors.append("")
+            except ImageRejected as err:
+                pixels.append(None)
+                errors.append(str(err))
+        good = [i for i, p in enumerate(pixels) if p is not None]
+        probs = np.zeros((len(values), len(self.classes)), dtype=np.float32)
+        if good:
+            batch = np.stack([pixels[i] for i in good]).astype(np.float32)
+            probs[good] = self.model.predict(batch, batch_size=32, verbose=0)
+        rows = []
+        for i in range(len(values)):
+            if errors[i]:
+                rows.append({"label": None, "confidence": None, "top_k": "[]",
+                             "error": errors[i]})
+                continue
+            order = np.argsort(-probs[i])[:top_k]
+            rows.append({
+                "label": self.classes[order[0]],
+                "confidence": float(probs[i, order[0]]),
+                "top_k": json.dumps([{"label": self.classes[j],
+                                      "probability": round(float(probs[i, j]), 6)}
+                                     for j in order], ensure_ascii=False),
+                "error": "",
+            })
+        return pd.DataFrame(rows, columns=["label", "confidence", "top_k", "error"])

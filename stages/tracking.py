@@ -1,0 +1,99 @@
+"""MLflow at the edge: where the store is, which experiment, what a run is named and tagged.
+
+The store is `MLFLOW_TRACKING_URI` when set (a team server), else the embedded default: a
+SQLite file at the project root with artifacts on local disk beside it. "Project root" is
+`DVC_ROOT` when DVC runs the stage: `dvc exp run --temp/--queue` works in a copy under
+`.dvc/tmp/exps/`, and a store path relative to that copy would lose the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from stages import paths
+from stages.dataset import SPLITS
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+# MLflow 3's UI opens experiments without this tag on its GenAI overview; ours is model
+# training, so we say so.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DB_FILE}"
+
+
+def uses_embedded_store() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def make_client() -> MlflowClient:
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Embedded store: artifacts beside the database at the project root, by absolute URI, so
+    # a run started from a DVC temp copy stores them where the UI will look.
+    location = (project_root() / ARTIFACTS_DIR).as_uri() if uses_embedded_store() else None
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG[0]: EXPERIMENT_KIND_TAG[1]})
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=Path.cwd())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the code that runs; None where this is not a git checkout."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit, bool(status)
+
+
+def data_version() -> str:
+    """A short hash of the prepared manifests and classes: same data, same version."""
+    digest = hashlib.sha256()
+    for path in [paths.manifest(s) for s in SPLITS] + [paths.CLASSES_JSON]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()[:12]
+
+
+def run_name(commit: str | None) -> str:
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        return exp
+    stamp = datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    return f"{stamp}-{commit[:7]}" if commit else stamp
+
+
+def run_tags(commit: str | None, dirty: bool | None) -> dict[str, str]:
+    tags = {"data_version": data_version()}
+    if commit:
+        tags.update({"git_commit": commit, "git_dirty": str(dirty).lower(),
+                     "mlflow.source.git.commit": commit})
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags

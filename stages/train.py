@@ -1,0 +1,270 @@
+"""DVC stage `train`: two-phase fine-tuning, tracked in MLflow, the model registered.
+
+Reads params sections model, augment, train, mlflow (and prepare.max_pixels for serving).
+Writes models/model.keras, reports/train.json, reports/train_metrics.json,
+reports/plots/train_history.csv and reports/train_curves.png. An interrupted run resumes
+from its last completed epoch (models/checkpoints/last/) into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from stages import atomic, paths
+from stages.errors import UserError, exits_cleanly
+from stages.params import Params, load_params
+
+
+def _keras_setup(params: Params) -> None:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(params.train.seed)
+    if params.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def make_data(params: Params, classes: list[str]):
+    from stages.augment import augmenter
+    from stages.inputs import image_dataset, read_manifest
+    from stages.training import Data
+
+    train_files, train_labels = read_manifest("train", classes)
+    val_files, val_labels = read_manifest("val", classes)
+    augmenters: dict[int, object] = {}
+
+    def make_images(files, labels, shuffle, augment_seed):
+        aug = None
+        if augment_seed is not None:
+            if augment_seed not in augmenters:
+                augmenters[augment_seed] = augmenter(params.augment, augment_seed)
+            aug = augmenters[augment_seed]
+        return image_dataset(files, labels, len(classes), params.model.image_size,
+                             params.model.resize, params.train.batch_size, shuffle=shuffle,
+                             seed=params.train.seed, augmenter=aug)
+
+    return Data(train_files, train_labels, val_files, val_labels, len(classes), make_images)
+
+
+def save_keras_atomic(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _metrics_of(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items()
+            if isinstance(v, float) and k not in ("epoch_seconds",) and v == v}
+
+
+def start_or_resume_run(client, params: Params, saved) -> tuple[str, bool]:
+    """(run_id, resumed). A resumed training continues in its own MLflow run."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    from stages import tracking
+
+    if saved is not None and saved.run_id:
+        try:
+            client.get_run(saved.run_id)
+            client.update_run(saved.run_id, status="RUNNING")
+            return saved.run_id, True
+        except MlflowException:
+            pass
+    experiment_id = tracking.ensure_experiment(client, params.mlflow.experiment)
+    commit, dirty = tracking.git_state()
+    run = client.create_run(experiment_id, run_name=tracking.run_name(commit),
+                            tags=tracking.run_tags(commit, dirty))
+    flat = params.flat()
+    items = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flat.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    return run.info.run_id, False
+
+
+def train_and_track(params: Params, client, weights: str | None) -> dict:
+    """Build, train both phases (resuming if possible), write outputs, log to MLflow."""
+    import keras  # noqa: F401  (import after param validation: TF start-up takes seconds)
+    from mlflow.entities import Metric
+
+    from stages import resume, tracking
+    from stages.inputs import read_classes
+    from stages.model import build_classifier
+    from stages.training import (
+        Tracker,
+        TrackerState,
+        finish,
+        optimizer_state,
+        run_finetune_phase,
+        run_head_phase,
+        start_finetune,
+    )
+
+    _keras_setup(params)
+    classes = read_classes()
+    data = make_data(params, classes)
+    classifier = build_classifier(params.model, len(classes), weights, seed=params.train.seed)
+    fp = resume.fingerprint(params.flat(), tracking.data_version())
+    saved = resume.load(paths.RESUME_DIR, fp) if params.train.resume else None
+    run_id, resumed = start_or_resume_run(client, params, saved)
+    state = TrackerState()
+    if resumed:
+        classifier.model.load_weights(saved.weights)
+        state = saved.state
+        print(f"train: resuming MLflow run {run_id} after epoch {state.epochs_done} "
+              f"({state.phase} phase)")
+    paths.CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
+
+    def log_epoch(row, tracker):
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, row["epoch"]) for k, v in _metrics_of(row).items()]
+        client.log_batch(run_id, metrics=metrics)
+
+    def save_resume_state(row, tracker):
+        resume.save(paths.RESUME_DIR, classifier.model, optimizer_state(tracker.optimizer),
+                    tracker.state, fp, run_id)
+
+    tracker = Tracker(classifier, state, params.train.monitor,
+                      params.train.early_stopping_patience, paths.BEST_WEIGHTS,
+                      hooks=[log_epoch, save_resume_state])
+    timings: dict = {}
+    try:
+        if state.phase == "head":
+            arrays = saved.optimizer_arrays if resumed and saved.state.phase == "head" else None
+            run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
+                           optimizer_arrays=arrays, timings=timings)
+            start_finetune(classifier, tracker)
+            resume.save(paths.RESUME_DIR, classifier.model, None, state, fp, run_id)
+        if state.phase == "finetune":
+            arrays = (saved.optimizer_arrays
+                      if resumed and saved.state.phase == "finetune" else None)
+            run_finetune_phase(classifier, data, params.train, tracker, optimizer_arrays=arrays)
+        finish(classifier, tracker)
+    except BaseException:
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    save_keras_atomic(classifier.model, paths.MODEL_FILE)
+    outputs = write_outputs(params, state, timings)
+    model_info = log_to_mlflow(client, run_id, params, classes, state, timings)
+    report = {"run_id": run_id, "model_uri": model_info["model_uri"],
+              "registered_model": params.mlflow.model_name,
+              "model_version": model_info["version"], **outputs}
+    atomic.write_json(paths.TRAIN_REPORT, report)
+    shutil.rmtree(paths.RESUME_DIR, ignore_errors=True)
+    return report
+
+
+def write_outputs(params: Params, state, timings: dict) -> dict:
+    import pandas as pd
+
+    from stages.plots import training_curves
+
+    history = pd.DataFrame(state.history)
+    buffer = io.StringIO()
+    history.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
+    atomic.write_text(paths.TRAIN_HISTORY, buffer.getvalue())
+    atomic.write_bytes(paths.TRAIN_CURVES, training_curves(state.history))
+    best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+    metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epochs_done,
+               **({k: round(v, 6) for k, v in _metrics_of(best).items()} if best else {})}
+    metrics.pop("learning_rate", None)
+    atomic.write_json(paths.TRAIN_METRICS, metrics)
+    return {"best_epoch": state.best_epoch, "monitor": params.train.monitor,
+            "best_value": state.best, "epochs_run": state.epochs_done,
+            "head_epochs_run": state.head_epochs_run,
+            "epoch_seconds": [r["epoch_seconds"] for r in state.history], **timings}
+
+
+def input_example(params: Params) -> str:
+    """A real training image as a client sends it (base64 PNG bytes), kept small."""
+    from PIL import Image
+
+    from stages.images import load_pixels
+    from stages.inputs import read_classes, read_manifest
+
+    files, _ = read_manifest("val", read_classes())
+    pixels = load_pixels(files[0], min(params.model.image_size, 96), params.model.resize)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def log_to_mlflow(client, run_id: str, params: Params, classes, state, timings) -> dict:
+    import mlflow
+    import pandas as pd
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    import stages
+    from stages import tracking
+
+    for path in (paths.TRAIN_CURVES, paths.TRAIN_HISTORY, paths.CLASSES_JSON,
+                 paths.AUGMENT_PREVIEW, paths.TRAIN_METRICS):
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+    for key, value in timings.items():
+        client.log_metric(run_id, key, value)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
+                        ColSpec("string", "top_k"), ColSpec("string", "error")]),
+        params=ParamSchema([ParamSpec("top_k", "long", 5)]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps({"image_size": params.model.image_size,
+                                      "resize": params.model.resize,
+                                      "max_pixels": params.prepare.max_pixels}))
+        requirements = [f"{name}=={version(name)}" for name in
+                        ("tensorflow-cpu", "keras", "pillow", "numpy", "pandas", "mlflow")]
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        mlflow.set_registry_uri(tracking.tracking_uri())
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(stages.__file__).parent / "pyfunc_model.py"),
+                artifacts={"keras_model": str(paths.MODEL_FILE),
+                           "classes": str(paths.CLASSES_JSON), "config": str(config)},
+                code_paths=[str(Path(stages.__file__).parent)],
+                signature=signature,
+                input_example=pd.DataFrame({"image": [input_example(params)]}),
+                registered_model_name=params.mlflow.model_name,
+                pip_requirements=requirements,
+            )
+    return {"model_uri": info.model_uri, "version": info.registered_model_version}
+
+
+@exits_cleanly
+def main() -> None:
+    params = load_params()
+    from stages.model import resolve_weights
+
+    weights = resolve_weights(params.model.weights)  # offline imagenet fails here, in seconds
+    from mlflow.exceptions import MlflowException
+
+    from stages import tracking
+
+    client = tracking.make_client()
+    try:
+        tracking.ensure_experiment(client, params.mlflow.experiment)
+    except MlflowException as err:
+        raise UserError(f"MLflow tracking store {tracking.tracking_uri()} is not usable: "
+                        f"{str(err).splitlines()[0]}") from None
+    report = train_and_track(params, client, weights)
+    print(f"train: best epoch {report['best_epoch']} ({report['monitor']} "
+          f"{report['best_value']:.4f}); model {paths.MODEL_FILE}; MLflow run "
+          f"{report['run_id']}; registered {params.mlflow.model_name} "
+          f"version {report['model_version']}")
+
+
+if __name__ == "__main__":
+    main()

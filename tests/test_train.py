@@ -1,0 +1,212 @@
+"""Training as users rely on it: two phases, cached features, resume, MLflow, weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, run_module, set_params
+from mlflow.tracking import MlflowClient
+
+from stages.model import WEIGHTS_FILE, WEIGHTS_URL, build_classifier, unfreeze_top
+from stages.params import ModelParams, TrainParams
+
+
+def small_model(num_classes=3, weights=None, dense_units=0):
+    return build_classifier(ModelParams(image_size=75, weights=None, dense_units=dense_units),
+                            num_classes, weights)
+
+
+def test_model_takes_raw_pixels_and_loads_in_safe_mode(tmp_path):
+    clf = small_model()
+    names = [layer.name for layer in clf.model.layers]
+    assert names[:3] == ["pixels", "scale_to_unit", "inception_resnet_v2"]
+    assert names[3:] == ["head_pool", "head_dropout", "head_logits"]
+    path = tmp_path / "m.keras"
+    clf.model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 75, 75, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), clf.model.predict(x, verbose=0),
+                               atol=1e-6)
+    # The scaling inside is InceptionResNetV2's preprocess_input: x / 127.5 - 1.
+    scale = keras.Model(clf.model.input, clf.model.get_layer("scale_to_unit").output)
+    np.testing.assert_allclose(scale.predict(x, verbose=0),
+                               keras.applications.inception_resnet_v2.preprocess_input(x.copy()),
+                               atol=1e-5)
+
+
+def test_unfreeze_top_block_keeps_batchnorm_frozen():
+    clf = small_model()
+    unfreeze_top(clf.base, "block8_9_ac")
+    trainable = [layer for layer in clf.base.layers if layer.trainable and layer.weights]
+    assert {layer.name for layer in trainable} >= {"block8_10_conv", "conv_7b"}
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert not clf.base.get_layer("block8_9_conv").trainable
+    unfreeze_top(clf.base, 3)  # conv_7b, conv_7b_bn, conv_7b_ac: only conv_7b has weights
+    assert [w.path.split("/")[-2] for w in clf.base.trainable_weights] == ["conv_7b"]
+
+
+def test_weights_from_a_local_file(tmp_path):
+    """A notop weights file by path, in Keras 3 format and in the legacy .h5 of ImageNet's."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    source = keras.applications.InceptionResNetV2(include_top=False, weights=None,
+                                                  input_shape=(75, 75, 3))
+    modern = tmp_path / "base.weights.h5"
+    source.save_weights(modern)
+    legacy = tmp_path / WEIGHTS_FILE
+    with h5py.File(legacy, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, source)
+    for path in (modern, legacy):
+        clf = small_model(weights=str(path))
+        for mine, theirs in zip(clf.base.weights, source.weights, strict=True):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_offline_imagenet_fails_fast_and_says_what_to_do(project, tmp_path):
+    start = time.monotonic()
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert WEIGHTS_FILE in result.stderr and WEIGHTS_URL in result.stderr
+    assert str(tmp_path / "keras" / "models") in result.stderr and "null" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < 30
+
+
+def test_cached_features_give_the_plain_forward_pass(tiny_project):
+    from stages.inputs import read_classes
+    from stages.params import load_params
+    from stages.train import make_data
+    from stages.training import extract_features
+
+    params = load_params()
+    data = make_data(params, read_classes())
+    clf = build_classifier(params.model, 3, None)
+    images = data.make_images(data.val_files, None, False, None)
+    cached = extract_features(clf.feature_extractor(), [images])[0]
+    via_head = clf.feature_head().predict(cached, verbose=0)
+    plain = clf.model.predict(images, verbose=0)
+    np.testing.assert_allclose(via_head, plain, atol=1e-6)
+
+
+def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
+    from stages.training import Tracker, TrackerState, finish, start_finetune
+
+    clf = small_model()
+    clf.model.compile(optimizer="adam", loss="categorical_crossentropy")
+    tracker = Tracker(clf, TrackerState(), "val_accuracy", 0, tmp_path / "best.weights.h5", [])
+    tracker.set_model(clf.model)
+    head = clf.model.get_layer("head_logits")
+    for epoch, val_acc in enumerate([0.5, 0.8]):
+        head.kernel.assign(np.full(head.kernel.shape, epoch, "float32"))
+        tracker.on_epoch_begin(epoch)
+        tracker.on_epoch_end(epoch, {"val_accuracy": val_acc, "accuracy": 0.1, "loss": 1.0})
+    start_finetune(clf, tracker)
+    assert tracker.state.phase == "finetune"
+    head.kernel.assign(np.full(head.kernel.shape, 9, "float32"))  # fine-tune makes it worse
+    tracker.on_epoch_begin(2)
+    tracker.on_epoch_end(2, {"val_accuracy": 0.1, "accuracy": 0.9, "loss": 0.1})
+    finish(clf, tracker)
+    assert tracker.state.best_epoch == 1
+    assert float(head.kernel.numpy().mean()) == 1.0  # the head-only weights of epoch 1
+
+
+def _history(project):
+    return pd.read_csv(project / "reports/plots/train_history.csv")
+
+
+def test_train_stage_logs_and_registers_in_mlflow(tiny_project):
+    result = run_module("stages.train", tiny_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tiny_project / "reports/train.json").read_text())
+    assert str(report["model_version"]) == "1"
+    assert report["model_uri"].startswith("models:/m-")
+    history = _history(tiny_project)
+    assert list(history["phase"]) == ["head", "finetune"]
+    metrics = json.loads((tiny_project / "reports/train_metrics.json").read_text())
+    assert metrics["best_epoch"] in (0, 1) and "val_accuracy" in metrics
+
+    uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(report["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.finetune_lr"] == str(TrainParams().finetune_lr)
+    assert run.data.params["model.image_size"] == "75"
+    assert {"git_commit", "data_version"} & set(run.data.tags) == {"data_version"}
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert steps == [0, 1]
+    for name in ("accuracy", "top5_accuracy", "loss", "val_loss", "learning_rate"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"train_curves.png", "train_history.csv", "classes.json",
+            "train_metrics.json"} <= artifacts
+    version = client.get_model_version("imgclf", "1")
+    assert version.run_id == run.info.run_id
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert experiment.artifact_location.startswith("file://")
+
+    # The registered model takes image files and agrees with the Keras model.
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/imgclf/1")
+    val = pd.read_csv(tiny_project / "data/prepared/val.csv")
+    files = [str(tiny_project / p) for p in val["path"]]
+    out = served.predict(pd.DataFrame({"image": files}))
+    keras_model = keras.models.load_model(tiny_project / "models/model.keras", safe_mode=True)
+    from stages.images import load_pixels
+
+    batch = np.stack([load_pixels(f, 75, "crop") for f in files]).astype("float32")
+    probs = keras_model.predict(batch, verbose=0)
+    classes = json.loads((tiny_project / "data/prepared/classes.json").read_text())
+    assert list(out["label"]) == [classes[i] for i in probs.argmax(axis=1)]
+    np.testing.assert_allclose(out["confidence"], probs.max(axis=1), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_same_run(tiny_project):
+    set_params(tiny_project, train__cache_features=False, train__head_epochs=4,
+               train__finetune_epochs=0, train__early_stopping_patience=0)
+    state_file = tiny_project / "models/checkpoints/last/state.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=tiny_project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            done = json.loads(state_file.read_text())["state"]["epochs_done"]
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_run = json.loads(state_file.read_text())["run_id"]
+    done = json.loads(state_file.read_text())["state"]["epochs_done"]
+    assert not (tiny_project / "models/model.keras").exists()
+
+    result = run_module("stages.train", tiny_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming MLflow run {killed_run} after epoch {done}" in result.stdout
+    report = json.loads((tiny_project / "reports/train.json").read_text())
+    assert report["run_id"] == killed_run
+    assert list(_history(tiny_project)["epoch"]) == [0, 1, 2, 3]
+    uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs([client.get_run(killed_run).info.experiment_id])) == 1
+    steps = sorted(m.step for m in client.get_metric_history(killed_run, "loss"))
+    assert steps == [0, 1, 2, 3]
+    assert not state_file.exists()  # a finished run leaves nothing to resume
