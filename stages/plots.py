@@ -57,3 +57,62 @@ def augment_grid(rows: list[tuple[str, list[np.ndarray]]]) -> bytes:
                         va="center", ha="right", fontsize=9)
     fig.suptitle("Training augmentation (seeded)", fontsize=11)
     return _png(fig)
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_names: list[str]) -> bytes:
+    """Row-normalised confusion matrix, sized to the class count so 120 labels stay legible."""
+    n = len(class_names)
+    support = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, support, out=np.zeros(matrix.shape, float),
+                           where=support > 0)
+    side = max(6.0, 0.16 * n + 3.0)
+    fontsize = max(5.0, min(10.0, 420.0 / max(n, 1)))
+    fig, ax = plt.subplots(figsize=(side, side * 0.92))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title("Confusion matrix (each row sums to 1)")
+    if n <= 25:
+        for a in range(n):
+            for p in range(n):
+                if matrix[a, p]:
+                    ax.text(p, a, f"{normalised[a, p]:.2f}", ha="center", va="center",
+                            fontsize=fontsize * 0.8,
+                            color="white" if normalised[a, p] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    return _png(fig)
+
+
+def per_class_f1_png(names: list[str], f1: list[float]) -> bytes:
+    order = np.argsort(f1)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.17 * n + 1.2)))
+    ax.barh(range(n), [f1[i] for i in order], color="tab:blue")
+    ax.set_yticks(range(n), [names[i] for i in order],
+                  fontsize=max(5.0, min(10.0, 420.0 / max(n, 1))))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 on the test split")
+    ax.set_title("Per-class F1 (worst at the bottom)")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def image_grid(images: list[np.ndarray], captions: list[str], title: str,
+               columns: int = 6) -> bytes:
+    if not images:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        return _png(fig)
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.6 * rows),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i])
+            ax.set_title(captions[i], fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _png(fig)

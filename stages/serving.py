@@ -3,8 +3,9 @@
 Input: a DataFrame with a column `image` whose values are base64-encoded file bytes (what
 JSON clients send), raw bytes, or file paths. Output per image: `label`, `confidence`,
 `top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
-read: one bad upload does not fail the batch). Inside: the `.keras` model, `classes.json`,
-and the decode and resize rules of the pipeline.
+read: one bad upload in a batch does not fail the others). A request with no readable image
+at all, or without an `image` column, is refused as a bad request (HTTP 400 when served).
+Inside: the `.keras` model, `classes.json`, and the decode and resize rules of the pipeline.
 """
 
 from __future__ import annotations
@@ -48,7 +49,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.max_pixels = int(config.get("max_pixels", 64_000_000))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        # A client's mistake must come back as HTTP 400 with a message (MlflowException with
+        # INVALID_PARAMETER_VALUE), not as a 500 with a traceback.
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise MlflowException("the request needs a column 'image' holding base64-encoded "
+                                  "image file bytes", error_code=INVALID_PARAMETER_VALUE)
         top_k = int((params or {}).get("top_k", 5))
+        if top_k < 1:
+            raise MlflowException(f"top_k = {top_k}: must be >= 1",
+                                  error_code=INVALID_PARAMETER_VALUE)
         values = model_input["image"].tolist()
         pixels, errors = [], []
         for value in values:
@@ -60,6 +72,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 pixels.append(None)
                 errors.append(str(err))
         good = [i for i, p in enumerate(pixels) if p is not None]
+        if values and not good:
+            # Nothing usable at all: a bad request. Mixed batches answer per image instead,
+            # so one broken upload does not cost the others their predictions.
+            detail = "; ".join(f"image {i}: {e}" for i, e in enumerate(errors[:5]))
+            raise MlflowException(f"no readable image in the request ({detail})",
+                                  error_code=INVALID_PARAMETER_VALUE)
         probs = np.zeros((len(values), len(self.classes)), dtype=np.float32)
         if good:
             batch = np.stack([pixels[i] for i in good]).astype(np.float32)

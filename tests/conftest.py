@@ -138,3 +138,25 @@ def _isolated_mlflow_env():
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         del os.environ[key]
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """One tiny trained model for the whole session (75 px, random init, 3 classes).
+
+    Tests that use it run stages in it (evaluate, export, predict); none retrains.
+    """
+    import os
+
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
+    set_params(root, **TINY, export__tflite=["float32", "dynamic"])
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
+    try:
+        for module in ("stages.prepare", "stages.augment_preview", "stages.train"):
+            result = run_module(module, root)
+            assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
+    finally:
+        os.environ.update(saved)
+    return root

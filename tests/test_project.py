@@ -77,7 +77,7 @@ def test_dvc_repro_prepare_then_nothing_to_do(dvc_repo):
     assert (dvc_repo / "data/prepared/train.csv").is_file()
     second = sh(["dvc", "repro", "prepare"], dvc_repo)
     assert "Running stage" not in second.stdout
-    assert "up to date" in sh(["dvc", "status"], dvc_repo).stdout
+    assert "up to date" in sh(["dvc", "status", "prepare"], dvc_repo).stdout
     # A prepare param change reruns it; the split moves with the seed.
     sh(["dvc", "exp", "run", "-S", "split.seed=7", "prepare"], dvc_repo)
     assert "Running stage" not in sh(["dvc", "repro", "prepare"], dvc_repo).stdout

@@ -1,0 +1,139 @@
+"""`imgclf predict`: class probabilities for image files and folders.
+
+MODEL is `models:/NAME@ALIAS`, `models:/NAME/VERSION` (the MLflow registry of the project's
+store, or MLFLOW_TRACKING_URI), a `.keras` file (classes from data/prepared/classes.json or
+a classes.json beside it), or an export folder (models/export).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from stages import atomic, paths
+from stages.errors import UserError
+
+
+def load_model(spec: str, tta: bool = False):
+    from stages.predicting import LoadedModel, keras_predictor, load_keras_file
+
+    path = Path(spec)
+    if spec.startswith("models:/") or spec.startswith("runs:/"):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from stages import tracking
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        mlflow.set_registry_uri(tracking.tracking_uri())
+        try:
+            pyfunc = mlflow.pyfunc.load_model(spec)
+        except MlflowException as err:
+            raise UserError(f"cannot load model {spec} from {tracking.tracking_uri()}: "
+                            f"{str(err).splitlines()[0]}") from None
+        inner = pyfunc.unwrap_python_model()
+        return LoadedModel(keras_predictor(inner.model, tta), inner.classes,
+                           inner.image_size, inner.resize, spec)
+    if path.is_dir():
+        from stages.exporting import load_export
+
+        return load_export(path)
+    if path.suffix == ".keras" and path.is_file():
+        classes = path.with_name("classes.json")
+        classes = classes if classes.is_file() else paths.CLASSES_JSON
+        if not classes.is_file():
+            raise UserError(f"no classes.json beside {path} nor at {paths.CLASSES_JSON}")
+        from stages.params import load_params
+
+        resize = load_params().model.resize if Path("params.yaml").is_file() else "crop"
+        return load_keras_file(path, classes, None, resize, tta)
+    raise UserError(f"--model {spec!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION, "
+                    "a .keras file nor an export folder")
+
+
+def format_labels(files, probs, good, classes, top_k: int) -> pd.DataFrame:
+    rows = []
+    k = min(top_k, len(classes))
+    for row, index in enumerate(good):
+        order = probs[row].argsort()[::-1][:k]
+        record = {"path": files[index]}
+        for rank, j in enumerate(order, start=1):
+            record[f"label_{rank}"] = classes[j]
+            record[f"prob_{rank}"] = round(float(probs[row, j]), 6)
+        rows.append(record)
+    return pd.DataFrame(rows)
+
+
+def format_kaggle(files, probs, good, classes) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=classes)
+    frame.insert(0, "id", [Path(files[i]).stem for i in good])
+    return frame
+
+
+def run(args) -> int:
+    from stages.predicting import collect_images, predict_files
+
+    files, missing = collect_images(args.paths)
+    for item in missing:
+        print(f"warning: {item}: no such file or folder", file=sys.stderr)
+    if not files:
+        print("error: no image files to predict", file=sys.stderr)
+        return 1
+    model_spec = args.model
+    if model_spec is None:
+        from stages.params import load_params
+
+        name = load_params().mlflow.model_name if Path("params.yaml").is_file() else "imgclf"
+        model_spec = f"models:/{name}@production"
+    model = load_model(model_spec, tta=args.tta)
+    probs, good, bad = predict_files(model, files, args.batch_size, progress=True)
+    for index, reason in bad:
+        print(f"warning: skipped {files[index]}: {reason}", file=sys.stderr)
+    if not good:
+        print("error: none of the files could be read as an image", file=sys.stderr)
+        return 1
+    if args.format == "kaggle":
+        frame = format_kaggle(files, probs, good, model.classes)
+    else:
+        frame = format_labels(files, probs, good, model.classes, args.top_k)
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
+    if args.output:
+        atomic.write_text(args.output, buffer.getvalue())
+        print(f"predict: {len(good)} image(s) -> {args.output}"
+              f"{f' ({len(bad)} skipped)' if bad else ''} [{model.source}]", file=sys.stderr)
+    else:
+        sys.stdout.write(buffer.getvalue())
+    return 0
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 1")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict classes of image files and folders",
+                       description=__doc__)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursed)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="default: models:/<mlflow.model_name>@production")
+    p.add_argument("--output", "-o", metavar="FILE", help="CSV file (default: standard output)")
+    p.add_argument("--top-k", type=_positive, default=5, metavar="K", help="labels format: top K")
+    p.add_argument("--format", choices=("labels", "kaggle"), default="labels",
+                   help="labels: path + top-k labels and probabilities; kaggle: id + one "
+                        "probability column per class (the dog-breed submission format)")
+    p.add_argument("--batch-size", type=_positive, default=32, metavar="N")
+    p.add_argument("--tta", action="store_true",
+                   help="average over the image and its horizontal flip")
+

@@ -1,0 +1,58 @@
+"""evaluate: held-out metrics, tables and pictures, logged to the training run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from conftest import run_module
+from mlflow.tracking import MlflowClient
+
+from stages import metrics
+
+
+def test_metrics_on_known_predictions():
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8],
+                      [0.9, 0.05, 0.05]])
+    labels = np.array([0, 1, 1, 2, 2])
+    summary = metrics.summary_metrics(probs, labels)
+    assert summary["accuracy"] == 0.6 and summary["n_test"] == 5
+    assert summary["top5_accuracy"] == 1.0
+    table = metrics.per_class_table(probs, labels, ["a", "b", "c"])
+    assert list(table["support"]) == [1, 2, 2]
+    assert table.loc[0, "precision"] == 1 / 3  # three predicted "a", one right
+    pairs = metrics.confused_pairs(metrics.confusion(probs, labels, 3), ["a", "b", "c"])
+    assert set(zip(pairs["actual"], pairs["predicted"], strict=True)) == {("b", "a"), ("c", "a")}
+    # index 4 (0.9 for a wrong class) is more confidently wrong than index 2 (0.6)
+    assert metrics.confidently_wrong(probs, labels, 10) == [4, 2]
+
+
+def test_evaluate_stage_writes_reports_and_logs_to_the_training_run(trained_project):
+    result = run_module("stages.evaluate", trained_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = trained_project / "reports"
+    summary = json.loads((reports / "metrics.json").read_text())
+    assert set(summary) == {"accuracy", "top5_accuracy", "macro_f1", "weighted_f1",
+                            "log_loss", "n_test"}
+    test = pd.read_csv(trained_project / "data/prepared/test.csv")
+    assert summary["n_test"] == len(test)
+    per_class = pd.read_csv(reports / "per_class.csv")
+    assert list(per_class.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert per_class["support"].sum() == len(test)
+    confusion = pd.read_csv(reports / "plots/confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test)
+    assert round((confusion["actual"] == confusion["predicted"]).mean(), 6) == summary["accuracy"]
+    for name in ("confusion_matrix.png", "per_class_f1.png", "misclassified.png"):
+        assert (reports / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+    train = json.loads((reports / "train.json").read_text())
+    uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(train["run_id"])
+    assert run.data.metrics["test_accuracy"] == summary["accuracy"]
+    assert run.data.metrics["test_log_loss"] == summary["log_loss"]
+    logged = {a.path for a in client.list_artifacts(train["run_id"], "evaluation")}
+    assert "evaluation/metrics.json" in logged and "evaluation/confusion_matrix.png" in logged
+    version = client.get_model_version(train["registered_model"], str(train["model_version"]))
+    assert float(version.tags["test_accuracy"]) == summary["accuracy"]

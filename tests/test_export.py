@@ -1,0 +1,37 @@
+"""export: deployable formats that give the Keras model's answers, and their speed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tensorflow as tf
+from conftest import run_module
+
+
+def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
+    result = run_module("stages.export", trained_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((trained_project / "reports/export.json").read_text())
+    formats = report["formats"]
+    assert set(formats) == {"keras", "saved_model", "tflite_float32", "tflite_dynamic"}
+    for name in ("saved_model", "tflite_float32"):
+        assert formats[name]["top1_agreement"] == 1.0
+        assert formats[name]["max_abs_diff"] <= 1e-4
+    assert 0.0 <= formats["tflite_dynamic"]["top1_agreement"] <= 1.0
+    for fmt in formats.values():
+        assert fmt["size_mb"] > 0 and fmt["images_per_s"] > 0 and fmt["latency_ms_batch1"] > 0
+    assert report["recommended"] in formats
+
+    folder = trained_project / "models/export"
+    classes = json.loads((trained_project / "data/prepared/classes.json").read_text())
+    assert (folder / "labels.txt").read_text().splitlines() == classes
+    # The serving signature takes encoded files: a client sends bytes, not tensors.
+    served = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+    test = (trained_project / "data/prepared/test.csv").read_text().splitlines()[1:]
+    files = [trained_project / line.split(",")[0] for line in test]
+    out = served(image_bytes=tf.constant([f.read_bytes() for f in files]))
+    probs = out["probabilities"].numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert [c.decode() for c in out["class_name"].numpy()] == [classes[i]
+                                                              for i in probs.argmax(1)]

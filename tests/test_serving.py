@@ -1,0 +1,83 @@
+"""A real `mlflow models serve` of the registered model, answering images over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload) -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_served_model_answers_images_and_refuses_garbage(trained_project):
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # mlflow execs uvicorn from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{trained_project / 'mlflow.db'}",
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    mlflow_exe = str(Path(bin_dir) / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_exe, "models", "serve", "-m", "models:/imgclf/1", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=trained_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("server did not start")
+        image = next((trained_project / "data/raw/gamma").iterdir()).read_bytes()
+        encoded = base64.b64encode(image).decode()
+        status, body = post(f"{base}/invocations", {"dataframe_records": [{"image": encoded}]})
+        assert status == 200, body
+        prediction = body["predictions"][0]
+        assert prediction["label"] in {"alpha", "beta", "gamma"}
+        assert 0 < prediction["confidence"] <= 1
+        assert len(json.loads(prediction["top_k"])) == 3
+
+        garbage = base64.b64encode(b"definitely not a picture").decode()
+        for bad in ({"dataframe_records": [{"image": garbage}]},
+                    {"dataframe_records": [{"picture": encoded}]},
+                    b"{not json"):
+            status, body = post(f"{base}/invocations", bad)
+            assert 400 <= status < 500, (bad, status, body)
+            assert "Traceback" not in json.dumps(body)
+            assert body.get("message")
+        status, _ = post(f"{base}/invocations", {"dataframe_records": [{"image": encoded}]})
+        assert status == 200  # still serving after the bad requests
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
