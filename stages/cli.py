@@ -17,9 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo-data", help="write the offline demo dataset (digits) to a folder")
     demo.add_argument("raw_dir", nargs="?", default="data/raw")
-    from stages import predict_cli
+    from stages import predict_cli, registry_cli
 
     predict_cli.add_parser(sub)
+    registry_cli.add_parsers(sub)
     ui = sub.add_parser("ui", help="the MLflow UI on the project's store (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1",
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         from stages.errors import exits_cleanly
 
         return exits_cleanly(predict_cli.run)(args)
+    if args.command in ("promote", "rollback", "models"):
+        from stages import registry_cli
+        from stages.errors import exits_cleanly
+
+        return exits_cleanly(getattr(registry_cli, args.command))(args)
     if args.command == "ui":
         from stages import ui
         from stages.errors import exits_cleanly

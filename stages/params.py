@@ -91,6 +91,7 @@ class TrainParams(_Section):
     cache_views: int = Field(1, ge=1, le=16)
     resume: bool = True
     deterministic: bool = False
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
 
 
 class EvaluateParams(_Section):

@@ -30,6 +30,18 @@ def _keras_setup(params: Params) -> None:
     keras.utils.set_random_seed(params.train.seed)
     if params.train.deterministic:
         tf.config.experimental.enable_op_determinism()
+    set_precision(params.train.precision)
+
+
+def set_precision(precision: str) -> None:
+    """Keras mixed precision; float16 only where it is fast and supported: NVIDIA GPUs."""
+    import keras
+    import tensorflow as tf
+
+    if precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        raise UserError("train.precision = 'mixed_float16' needs a GPU (none found): use "
+                        "float32, or mixed_bfloat16 on CPUs with AVX-512 BF16")
+    keras.mixed_precision.set_global_policy(precision)
 
 
 def make_data(params: Params, classes: list[str]):

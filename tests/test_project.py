@@ -81,3 +81,13 @@ def test_dvc_repro_prepare_then_nothing_to_do(dvc_repo):
     # A prepare param change reruns it; the split moves with the seed.
     sh(["dvc", "exp", "run", "-S", "split.seed=7", "prepare"], dvc_repo)
     assert "Running stage" not in sh(["dvc", "repro", "prepare"], dvc_repo).stdout
+
+
+def test_dvc_yaml_is_valid_and_every_stage_has_its_module():
+    result = sh(["dvc", "stage", "list"], ROOT)
+    names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    assert names == ["prepare", "augment_preview", "train", "evaluate", "export"]
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m stages.{name}"
+        assert f"stages/{name}.py" in stage["deps"]

@@ -1,0 +1,373 @@
+"""`make bench`: side-by-side measurements, reported as ratios, written to reports/bench.json.
+
+Every comparison runs both ways in this one process, on the same data and seed, so the
+ratio holds on a shared or noisy machine where absolute times do not. Sizes are flags; the
+defaults finish in about 15 minutes on 2 CPU cores.
+
+    python -m benchmarks.run [--only NAME ...] [--size 75] [--epochs 10] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages import atomic  # noqa: E402
+
+
+def _digits_project(root: Path, per_class: int | None, size: int = 96) -> Path:
+    """A project folder with the demo digits prepared (real images, no network)."""
+    from stages.demo_data import write_digits
+
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    write_digits(root / "data/raw", size=size, limit_per_class=per_class)
+    _run([sys.executable, "-m", "stages.prepare"], root)
+    return root
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+                **(env or {})}
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def _params(root: Path, **overrides):
+    from ruamel.yaml import YAML
+
+    from stages.params import validate
+
+    raw = YAML(typ="safe").load((root / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return validate(raw)
+
+
+# ------------------------------------------------------------------ frozen phase
+
+
+def bench_frozen_phase(work: Path, args) -> dict:
+    """Phase 1 for N epochs: frozen base inside fit every epoch vs cached features."""
+    import keras
+
+    from stages.inputs import read_classes
+    from stages.model import build_classifier, freeze_base
+    from stages.train import make_data
+    from stages.training import (
+        compile_model,
+        extract_features,
+        feature_dataset,
+        make_optimizer,
+    )
+
+    root = _digits_project(work / "frozen", args.per_class)
+    os.chdir(root)
+    # No augmentation, so both ways see exactly the same inputs every epoch.
+    params = _params(root, **{"model.image_size": args.size, "model.weights": None,
+                              "train.head_lr": 0.01, "augment.flip": "none",
+                              "augment.rotation": 0.0, "augment.zoom": 0.0,
+                              "augment.translation": 0.0, "augment.contrast": 0.0,
+                              "augment.brightness": 0.0})
+    classes = read_classes()
+    data = make_data(params, classes)
+    eye = np.eye(len(classes), dtype=np.float32)
+    results = {}
+    for way in ("plain", "cached"):
+        keras.utils.set_random_seed(params.train.seed)
+        clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
+        freeze_base(clf.base)
+        start = time.perf_counter()
+        if way == "plain":
+            model = clf.model
+            fit = data.make_images(data.train_files, data.train_labels, True, None)
+            val = data.make_images(data.val_files, data.val_labels, False, None)
+        else:
+            extractor = clf.feature_extractor()
+            train_f = extract_features(extractor, [data.make_images(data.train_files, None,
+                                                                    False, None)])
+            val_f = extract_features(extractor, [data.make_images(data.val_files, None,
+                                                                  False, None)])
+            model = clf.feature_head()
+            fit = feature_dataset(train_f, eye[data.train_labels], params.train.batch_size,
+                                  True, params.train.seed)
+            val = feature_dataset(val_f, eye[data.val_labels], params.train.batch_size,
+                                  False, 0)
+        compile_model(model, make_optimizer(params.train, params.train.head_lr), params.train)
+        history = model.fit(fit, validation_data=val, epochs=args.epochs, verbose=0)
+        elapsed = time.perf_counter() - start
+        results[way] = {"seconds": round(elapsed, 2),
+                        "seconds_per_epoch": round(elapsed / args.epochs, 3),
+                        "val_accuracy": round(max(history.history["val_accuracy"]), 4)}
+    os.chdir(ROOT)
+    return {"frozen_phase_speedup": round(results["plain"]["seconds"]
+                                          / results["cached"]["seconds"], 2),
+            "frozen_phase": {**results, "epochs": args.epochs, "image_size": args.size,
+                             "train_images": len(data.train_files)}}
+
+
+# ------------------------------------------------------------------ pipeline vs step
+
+
+def bench_pipeline_headroom(work: Path, args) -> dict:
+    import keras
+
+    from stages.inputs import read_classes
+    from stages.model import build_classifier, unfreeze_top
+    from stages.train import make_data
+    from stages.training import compile_model, make_optimizer
+
+    root = _digits_project(work / "pipeline", args.per_class)
+    os.chdir(root)
+    params = _params(root, **{"model.image_size": args.step_size, "model.weights": None})
+    classes = read_classes()
+    data = make_data(params, classes)
+    batches = args.batches
+    ds = data.make_images(data.train_files, data.train_labels, True, params.train.seed)
+    it = iter(ds.repeat())
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    pipeline_ips = batches * params.train.batch_size / (time.perf_counter() - start)
+
+    clf = build_classifier(params.model, len(classes), None)
+    unfreeze_top(clf.base, params.train.unfreeze)
+    compile_model(clf.model, make_optimizer(params.train, 1e-5), params.train)
+    x, y = next(iter(ds))
+    clf.model.train_on_batch(x, y)  # trace once
+    start = time.perf_counter()
+    for _ in range(args.step_batches):
+        clf.model.train_on_batch(x, y)
+    step_ips = args.step_batches * len(x) / (time.perf_counter() - start)
+    os.chdir(ROOT)
+    keras.backend.clear_session()
+    return {"input_pipeline_headroom": round(pipeline_ips / step_ips, 2),
+            "input_pipeline": {"pipeline_images_per_s": round(pipeline_ips, 1),
+                               "train_step_images_per_s": round(step_ips, 1),
+                               "image_size": args.step_size,
+                               "batch_size": params.train.batch_size}}
+
+
+# ------------------------------------------------------------------ forward vs peak
+
+
+def conv_flops(model) -> float:
+    """Multiply-add FLOPs (x2) of one image through the model's conv and dense layers."""
+    import keras
+
+    total = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += conv_flops(layer)
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            cin = layer.kernel.shape[2]
+            _, h, w, cout = layer.output.shape
+            total += 2.0 * h * w * kh * kw * cin * cout
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return total
+
+
+def bench_forward_peak(work: Path, args) -> dict:
+    import keras
+    import tensorflow as tf
+
+    n = 2048
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    matmul = tf.function(lambda x, y: tf.matmul(x, y))
+    matmul(a, b).numpy()
+    start = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        out = matmul(a, b)
+    out.numpy()
+    peak = reps * 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+    base = keras.applications.InceptionResNetV2(include_top=False, weights=None,
+                                                input_shape=(299, 299, 3))
+    flops = conv_flops(base)
+    forward = tf.function(lambda x: base(x, training=False))
+    x = tf.random.uniform((args.forward_batch, 299, 299, 3), -1, 1)
+    forward(x).numpy()
+    start = time.perf_counter()
+    forward(x).numpy()
+    elapsed = time.perf_counter() - start
+    achieved = args.forward_batch * flops / elapsed / 1e9
+    keras.backend.clear_session()
+    return {"forward_peak_fraction_299": round(achieved / peak, 3),
+            "forward_299": {"gflop_per_image": round(flops / 1e9, 2),
+                            "images_per_s": round(args.forward_batch / elapsed, 2),
+                            "achieved_gflop_per_s": round(achieved, 1),
+                            "matmul_peak_gflop_per_s": round(peak, 1)}}
+
+
+# ------------------------------------------------------------------ bf16
+
+
+def bench_bf16(work: Path, args) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from stages.model import build_classifier, unfreeze_top
+    from stages.params import ModelParams, TrainParams
+    from stages.training import compile_model, make_optimizer
+
+    results = {}
+    x = tf.random.uniform((32, args.step_size, args.step_size, 3), 0, 255)
+    y = tf.one_hot(tf.random.uniform((32,), 0, 10, tf.int32), 10)
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.mixed_precision.set_global_policy(policy)
+        clf = build_classifier(ModelParams(image_size=args.step_size, weights=None), 10, None)
+        unfreeze_top(clf.base, TrainParams().unfreeze)
+        compile_model(clf.model, make_optimizer(TrainParams(), 1e-5), TrainParams())
+        clf.model.train_on_batch(x, y)
+        start = time.perf_counter()
+        for _ in range(args.step_batches):
+            clf.model.train_on_batch(x, y)
+        results[policy] = round(args.step_batches * 32 / (time.perf_counter() - start), 2)
+        keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"bf16_speedup": round(results["mixed_bfloat16"] / results["float32"], 2),
+            "bf16": {"train_step_images_per_s": results, "image_size": args.step_size,
+                     "cpu_has_avx512_bf16": "avx512_bf16" in flags}}
+
+
+# ------------------------------------------------------------------ pipeline runs
+
+
+def _tiny_repo(work: Path, per_class: int) -> Path:
+    repo = work / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "stages", repo / "stages",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    from stages.demo_data import write_digits
+
+    write_digits(repo / "data/raw", limit_per_class=per_class)
+    env = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "init"]):
+        _run(cmd, repo, env)
+    return repo
+
+
+def bench_repro_and_export(work: Path, args) -> dict:
+    """Train a small model on the digits through dvc repro; then the no-op repro, which
+    stages an evaluate-only change reruns, and the export formats' speed vs Keras."""
+    repo = _tiny_repo(work / "repro", args.per_class)
+    sets = ["-S", f"model.image_size={args.size}", "-S", "model.weights=null",
+            "-S", "augment.flip=none", "-S", "train.head_lr=0.01",
+            "-S", f"train.head_epochs={args.epochs}", "-S", "train.finetune_epochs=1"]
+    _run(["dvc", "exp", "run", *sets], repo)
+    start = time.perf_counter()
+    noop = _run(["dvc", "repro"], repo)
+    noop_seconds = time.perf_counter() - start
+    dry = _run(["dvc", "exp", "run", "--dry", "-S", "evaluate.tta=true"], repo)
+    rerun = [line.split("'")[1] for line in dry.stdout.splitlines()
+             if line.startswith("Running stage")]
+    export = json.loads((repo / "reports/export.json").read_text())
+    formats = export["formats"]
+    return {
+        "noop_repro_seconds": round(noop_seconds, 2),
+        "noop_repro_ran_stages": [line.split("'")[1] for line in noop.stdout.splitlines()
+                                  if line.startswith("Running stage")],
+        "stages_rerun_on_evaluate_param": rerun,
+        "export_speedup": export["speedup_vs_keras_predict"],
+        "export": {"recommended": export["recommended"], "image_size": args.size,
+                   "formats": {n: {k: f[k] for k in ("images_per_s", "latency_ms_batch1",
+                                                     "top1_agreement", "size_mb")}
+                               for n, f in formats.items()}},
+    }
+
+
+def bench_prepare(work: Path, args) -> dict:
+    """prepare on generated photo-sized JPEGs: throughput and peak memory."""
+    from PIL import Image
+
+    root = work / "prepare"
+    raw = root / "data/raw"
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+    for i in range(args.prepare_images):
+        img = np.roll(base, i * 7, axis=1) ^ np.uint8(i % 251)
+        path = raw / f"class_{i % 10}" / f"img_{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, quality=85)
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    _run([sys.executable, "-m", "stages.prepare"], root)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"prepare_images_per_s": round(args.prepare_images / elapsed, 1),
+            "prepare_peak_rss_mb": round(max(peak, before) / 1024, 1),
+            "prepare": {"images": args.prepare_images, "size": "500x375 JPEG",
+                        "seconds": round(elapsed, 2), "workers": os.cpu_count()}}
+
+
+BENCHES = {
+    "prepare": bench_prepare,
+    "forward": bench_forward_peak,
+    "pipeline": bench_pipeline_headroom,
+    "bf16": bench_bf16,
+    "frozen": bench_frozen_phase,
+    "repro_export": bench_repro_and_export,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these")
+    parser.add_argument("--size", type=int, default=75, help="image size of the training runs")
+    parser.add_argument("--step-size", type=int, default=150,
+                        help="image size of the train-step and pipeline measurements")
+    parser.add_argument("--epochs", type=int, default=10, help="phase-1 epochs compared")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="digits per class (default: all 1,797 images)")
+    parser.add_argument("--batches", type=int, default=20, help="pipeline batches timed")
+    parser.add_argument("--step-batches", type=int, default=3, help="train steps timed")
+    parser.add_argument("--forward-batch", type=int, default=16)
+    parser.add_argument("--prepare-images", type=int, default=5000)
+    parser.add_argument("--output", default=str(ROOT / "reports/bench.json"))
+    args = parser.parse_args()
+    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor()
+                                 or platform.machine(), "python": platform.python_version()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or BENCHES:
+            start = time.perf_counter()
+            print(f"bench {name} ...", flush=True)
+            results.update(BENCHES[name](Path(tmp), args))
+            print(f"bench {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    atomic.write_json(args.output, results)
+    print(f"\n{'measure':<34}{'value':>12}")
+    for key, value in results.items():
+        if not isinstance(value, dict | list):
+            print(f"{key:<34}{value:>12}")
+    print(f"\nfull results: {args.output}")
+
+
+if __name__ == "__main__":
+    main()

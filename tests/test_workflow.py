@@ -1,0 +1,76 @@
+"""The README walkthrough, end to end, in a temporary git + DVC repository.
+
+Photos -> dvc add -> dvc repro -> two experiments (one in a temporary copy) -> compare ->
+promote the better -> a promote of the worse refused -> rollback -> predict from @production.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import TINY, make_class_folders, set_params, sh
+from mlflow.tracking import MlflowClient
+
+
+@pytest.mark.slow
+def test_readme_walkthrough(dvc_repo):
+    repo = dvc_repo
+    make_class_folders(repo / "data/raw", {"cat": 7, "dog": 7, "fox": 7})
+    set_params(repo, **TINY)
+    sh(["dvc", "add", "data/raw"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "data and tiny params"], repo)
+
+    first = sh(["dvc", "repro", "evaluate"], repo)
+    for stage in ("prepare", "augment_preview", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert "Running stage" not in sh(["dvc", "repro", "evaluate"], repo).stdout
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert "accuracy" in json.dumps(shown) and "n_test" in json.dumps(shown)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "baseline"], repo)
+
+    # Two experiments; the second in a temporary copy under .dvc/tmp/exps/, which must still
+    # log to the repository's own MLflow store.
+    sh(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.head_lr=0.05", "evaluate"], repo)
+    sh(["dvc", "exp", "run", "--temp", "-n", "lr-low", "-S", "train.head_lr=0.001",
+        "evaluate"], repo)
+    table = json.dumps(json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout))
+    assert "lr-high" in table and "lr-low" in table
+    assert sh(["dvc", "metrics", "diff", "HEAD"], repo).returncode == 0
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("imgclf").experiment_id])
+    by_name = {run.info.run_name: run for run in runs}
+    assert {"lr-high", "lr-low"} <= set(by_name) and len(runs) == 3
+    assert by_name["lr-low"].data.params["train.head_lr"] == "0.001"
+    assert "test_accuracy" in by_name["lr-low"].data.metrics  # evaluate ran in the temp copy
+
+    versions = {v.run_id: str(v.version) for v in client.search_model_versions("name='imgclf'")}
+    loss = {versions[by_name[n].info.run_id]: by_name[n].data.metrics["test_log_loss"]
+            for n in ("lr-high", "lr-low")}
+    better, worse = sorted(loss, key=loss.get)
+    assert loss[better] < loss[worse]
+
+    def imgclf(*args, check=True):
+        return sh(["imgclf", *args], repo, check=check)
+
+    assert "test_accuracy" in imgclf("models").stdout
+    imgclf("promote", "--version", worse, "--metric", "test_log_loss")
+    imgclf("promote", "--version", better, "--metric", "test_log_loss")
+    refused = imgclf("promote", "--version", worse, "--metric", "test_log_loss", check=False)
+    assert refused.returncode == 1 and f"stays on {better}" in refused.stderr
+    production = client.get_model_version_by_alias("imgclf", "production")
+    assert str(production.version) == better
+    assert production.tags["audit.from_version"] == worse
+
+    imgclf("rollback")
+    assert str(client.get_model_version_by_alias("imgclf", "production").version) == worse
+
+    out = repo / "predictions.csv"
+    imgclf("predict", "data/raw/fox", "--output", str(out))  # default: @production
+    frame = pd.read_csv(out)
+    assert len(frame) == 7 and set(frame["label_1"]) <= {"cat", "dog", "fox"}
