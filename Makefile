@@ -38,6 +38,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.run
+
 ui: $(STAMP)
 	$(BIN)/imgclf ui
 

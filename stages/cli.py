@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-data":
         from stages import demo_data
 
-        sys.argv = ["demo_data", args.raw_dir]
-        demo_data.main()
+        demo_data.main([args.raw_dir])
     return 0
 
 

@@ -43,11 +43,11 @@ def write_digits(raw_dir: Path, size: int = 96, limit_per_class: int | None = No
     return sum(written.values())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("--size", type=int, default=96, help="side in pixels (default 96)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.raw_dir.exists() and any(p for p in args.raw_dir.iterdir()
                                      if not p.name.startswith(".")):
         print(f"{args.raw_dir} is not empty: keeping your images, not writing the demo digits")
