@@ -38,6 +38,32 @@ def uses_embedded_store() -> bool:
     return not os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail in seconds, before any training, when a tracking server does not answer.
+
+    MLflow's own client retries an unreachable server with backoff for minutes; finding out
+    after hours of training that nothing can be logged is worse.
+    """
+    import urllib.error
+    import urllib.request
+
+    from stages.errors import UserError
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth layer may refuse /health): reachable
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: "
+                        f"{reason}. Start it, fix the address, or unset MLFLOW_TRACKING_URI "
+                        "to use the project's embedded store") from None
+
+
 def make_client() -> MlflowClient:
     uri = tracking_uri()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

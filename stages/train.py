@@ -265,6 +265,7 @@ def main() -> None:
 
     from stages import tracking
 
+    tracking.check_reachable()
     client = tracking.make_client()
     try:
         tracking.ensure_experiment(client, params.mlflow.experiment)

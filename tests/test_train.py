@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,3 +211,18 @@ def test_resume_after_sigkill_continues_the_same_run(tiny_project):
     steps = sorted(m.step for m in client.get_metric_history(killed_run, "loss"))
     assert steps == [0, 1, 2, 3]
     assert not state_file.exists()  # a finished run leaves nothing to resume
+
+
+def test_unreachable_tracking_server_fails_before_training(tiny_project):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tiny_project, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"http://127.0.0.1:{port}" in result.stderr and "unreachable" in result.stderr
+    assert "Traceback" not in result.stderr and "Epoch" not in result.stdout
+    assert time.monotonic() - start < 30
+    assert not (tiny_project / "models/checkpoints").exists()
