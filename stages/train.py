@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -127,10 +128,18 @@ def train_and_track(params: Params, client, weights: str | None) -> dict:
     classifier = build_classifier(params.model, len(classes), weights, seed=params.train.seed)
     fp = resume.fingerprint(params.flat(), tracking.data_version())
     saved = resume.load(paths.RESUME_DIR, fp) if params.train.resume else None
+    if saved is not None:
+        try:
+            classifier.model.load_weights(saved.weights)
+        except (OSError, ValueError, KeyError) as err:
+            # A checkpoint damaged on disk (the state itself is written atomically): the
+            # epochs are lost, the run is not; start clean rather than train on garbage.
+            print(f"warning: resume checkpoint {saved.weights} is unreadable ({err}); "
+                  "training starts from scratch", file=sys.stderr)
+            saved = None
     run_id, resumed = start_or_resume_run(client, params, saved)
     state = TrackerState()
     if resumed:
-        classifier.model.load_weights(saved.weights)
         state = saved.state
         print(f"train: resuming MLflow run {run_id} after epoch {state.epochs_done} "
               f"({state.phase} phase)")

@@ -226,3 +226,22 @@ def test_unreachable_tracking_server_fails_before_training(tiny_project):
     assert "Traceback" not in result.stderr and "Epoch" not in result.stdout
     assert time.monotonic() - start < 30
     assert not (tiny_project / "models/checkpoints").exists()
+
+
+def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project):
+    from stages import resume
+    from stages.params import load_params
+    from stages.tracking import data_version
+
+    last = tiny_project / "models/checkpoints/last"
+    last.mkdir(parents=True)
+    fp = resume.fingerprint(load_params().flat(), data_version())
+    (last / "state.json").write_text(json.dumps(
+        {"fingerprint": fp, "run_id": None,
+         "state": {"phase": "head", "epochs_done": 1, "head_epochs_run": 1, "best": 0.5,
+                   "best_epoch": 0, "wait": 0, "history": []}}))
+    (last / "model.weights.h5").write_bytes(b"half-written garbage")
+    result = run_module("stages.train", tiny_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resume checkpoint" in result.stderr and "from scratch" in result.stderr
+    assert list(_history(tiny_project)["epoch"]) == [0, 1]
