@@ -17,6 +17,7 @@ to the stage's hooks (MLflow logging, resume state).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,7 +113,8 @@ def feature_dataset(features: np.ndarray, onehot: np.ndarray, batch_size: int,
     if shuffle:
         ds = ds.shuffle(len(onehot), seed=seed, reshuffle_each_iteration=True)
     if views > 1:
-        ds = ds.map(lambda f, y: (f[tf.random.uniform((), 0, views, tf.int32)], y))
+        # Seeded, so train.deterministic also covers which cached view each epoch draws.
+        ds = ds.map(lambda f, y: (f[tf.random.uniform((), 0, views, tf.int32, seed=seed)], y))
     else:
         ds = ds.map(lambda f, y: (f[0], y))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -169,7 +171,10 @@ class Tracker(keras.callbacks.Callback):
         value = row[self.monitor]
         if not math.isnan(value) and self.improved(value):
             self.state.best, self.state.best_epoch, self.state.wait = value, epoch, 0
-            self.classifier.model.save_weights(self.best_weights_path)
+            # Atomic: a kill during the save must not leave a torn "best" for finish().
+            tmp = self.best_weights_path.with_name(f".tmp-{self.best_weights_path.name}")
+            self.classifier.model.save_weights(tmp)
+            os.replace(tmp, self.best_weights_path)
             row["best"] = True
         else:
             self.state.wait += 1

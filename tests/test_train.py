@@ -245,3 +245,14 @@ def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resume checkpoint" in result.stderr and "from scratch" in result.stderr
     assert list(_history(tiny_project)["epoch"]) == [0, 1]
+
+
+def test_cached_views_are_drawn_per_image_per_epoch():
+    from stages.training import feature_dataset
+
+    views, n = 3, 40
+    features = np.stack([np.full((n, 4), v, np.float32) for v in range(views)])
+    onehot = np.eye(2, dtype=np.float32)[np.arange(n) % 2]
+    ds = feature_dataset(features, onehot, batch_size=8, shuffle=True, seed=1)
+    drawn = np.concatenate([x.numpy()[:, 0] for x, _ in ds])
+    assert len(drawn) == n and set(drawn) <= {0.0, 1.0, 2.0} and len(set(drawn)) > 1
