@@ -92,6 +92,7 @@ class TrainParams(_Section):
     resume: bool = True
     deterministic: bool = False
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    strategy: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
 
 
 class EvaluateParams(_Section):

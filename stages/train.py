@@ -9,6 +9,7 @@ from its last completed epoch (models/checkpoints/last/) into the same MLflow ru
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -104,9 +105,45 @@ def start_or_resume_run(client, params: Params, saved) -> tuple[str, bool]:
     return run.info.run_id, False
 
 
-def train_and_track(params: Params, client, weights: str | None) -> dict:
-    """Build, train both phases (resuming if possible), write outputs, log to MLflow."""
+def worker_dir(role, fp: str) -> Path:
+    """A non-chief worker's own checkpoint folder: outside the project (only the chief writes
+    there), and stable across restarts so that a restarted worker resumes with the chief."""
+    return Path(tempfile.gettempdir()) / f"imgclf-worker{role.index}-{fp}"
+
+
+def weights_digest(model) -> str:
+    """A short hash of every weight: replicas that trained in sync print the same one."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_and_track(params: Params, client, weights: str | None, strategy=None,
+                    role=None) -> dict:
+    """Build, train both phases (resuming if possible), write outputs, log to MLflow.
+
+    Under a multi-worker strategy every worker calls this; only the chief (`role.is_chief`)
+    gets a `client`, writes the stage's outputs and logs.
+    """
     import keras  # noqa: F401  (import after param validation: TF start-up takes seconds)
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    if role is None:
+        from stages.distribute import Role
+
+        role = Role("none")
+    with contextlib.ExitStack() as strategy_scope:
+        strategy_scope.enter_context(strategy.scope())
+        return _train(params, client, weights, role, strategy_scope)
+
+
+def _train(params: Params, client, weights: str | None, role, strategy_scope) -> dict:
     from mlflow.entities import Metric
 
     from stages import resume, tracking
@@ -127,7 +164,9 @@ def train_and_track(params: Params, client, weights: str | None) -> dict:
     data = make_data(params, classes)
     classifier = build_classifier(params.model, len(classes), weights, seed=params.train.seed)
     fp = resume.fingerprint(params.flat(), tracking.data_version())
-    saved = resume.load(paths.RESUME_DIR, fp) if params.train.resume else None
+    checkpoints = paths.CHECKPOINTS_DIR if role.is_chief else worker_dir(role, fp)
+    resume_dir = checkpoints / paths.RESUME_DIR.name
+    saved = resume.load(resume_dir, fp) if params.train.resume else None
     if saved is not None:
         try:
             classifier.model.load_weights(saved.weights)
@@ -137,13 +176,16 @@ def train_and_track(params: Params, client, weights: str | None) -> dict:
             print(f"warning: resume checkpoint {saved.weights} is unreadable ({err}); "
                   "training starts from scratch", file=sys.stderr)
             saved = None
-    run_id, resumed = start_or_resume_run(client, params, saved)
+    if role.is_chief:
+        run_id, resumed = start_or_resume_run(client, params, saved)
+    else:
+        run_id, resumed = None, saved is not None
     state = TrackerState()
     if resumed:
         state = saved.state
         print(f"train: resuming MLflow run {run_id} after epoch {state.epochs_done} "
               f"({state.phase} phase)")
-    paths.CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
 
     def log_epoch(row, tracker):
         now = int(time.time() * 1000)
@@ -151,12 +193,13 @@ def train_and_track(params: Params, client, weights: str | None) -> dict:
         client.log_batch(run_id, metrics=metrics)
 
     def save_resume_state(row, tracker):
-        resume.save(paths.RESUME_DIR, classifier.model, optimizer_state(tracker.optimizer),
+        resume.save(resume_dir, classifier.model, optimizer_state(tracker.optimizer),
                     tracker.state, fp, run_id)
 
+    hooks = [log_epoch, save_resume_state] if role.is_chief else [save_resume_state]
     tracker = Tracker(classifier, state, params.train.monitor,
-                      params.train.early_stopping_patience, paths.BEST_WEIGHTS,
-                      hooks=[log_epoch, save_resume_state])
+                      params.train.early_stopping_patience,
+                      checkpoints / paths.BEST_WEIGHTS.name, hooks=hooks)
     timings: dict = {}
     try:
         if state.phase == "head":
@@ -164,23 +207,33 @@ def train_and_track(params: Params, client, weights: str | None) -> dict:
             run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
                            optimizer_arrays=arrays, timings=timings)
             start_finetune(classifier, tracker)
-            resume.save(paths.RESUME_DIR, classifier.model, None, state, fp, run_id)
+            resume.save(resume_dir, classifier.model, None, state, fp, run_id)
         if state.phase == "finetune":
             arrays = (saved.optimizer_arrays
                       if resumed and saved.state.phase == "finetune" else None)
             run_finetune_phase(classifier, data, params.train, tracker, optimizer_arrays=arrays)
         finish(classifier, tracker)
     except BaseException:
-        client.set_terminated(run_id, status="KILLED")
+        if role.is_chief:
+            client.set_terminated(run_id, status="KILLED")
         raise
+    # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
+    # variable created now would wait forever for workers that have already finished.
+    strategy_scope.close()
+    digest = weights_digest(classifier.model)
+    print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
+    if not role.is_chief:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return {"weights_digest": digest, "worker": role.index}
     save_keras_atomic(classifier.model, paths.MODEL_FILE)
     outputs = write_outputs(params, state, timings)
     model_info = log_to_mlflow(client, run_id, params, classes, state, timings)
     report = {"run_id": run_id, "model_uri": model_info["model_uri"],
               "registered_model": params.mlflow.model_name,
-              "model_version": model_info["version"], **outputs}
+              "model_version": model_info["version"], "strategy": role.strategy_name,
+              "workers": role.num_workers, "weights_digest": digest, **outputs}
     atomic.write_json(paths.TRAIN_REPORT, report)
-    shutil.rmtree(paths.RESUME_DIR, ignore_errors=True)
+    shutil.rmtree(resume_dir, ignore_errors=True)
     return report
 
 
@@ -267,21 +320,28 @@ def log_to_mlflow(client, run_id: str, params: Params, classes, state, timings) 
 @exits_cleanly
 def main() -> None:
     params = load_params()
+    from stages.distribute import make_strategy
     from stages.model import resolve_weights
 
+    # First TensorFlow work of the process: a multi-worker strategy must come before any.
+    strategy, role = make_strategy(params.train.strategy)
     weights = resolve_weights(params.model.weights)  # offline imagenet fails here, in seconds
     from mlflow.exceptions import MlflowException
 
     from stages import tracking
 
-    tracking.check_reachable()
-    client = tracking.make_client()
-    try:
-        tracking.ensure_experiment(client, params.mlflow.experiment)
-    except MlflowException as err:
-        raise UserError(f"MLflow tracking store {tracking.tracking_uri()} is not usable: "
-                        f"{str(err).splitlines()[0]}") from None
-    report = train_and_track(params, client, weights)
+    client = None
+    if role.is_chief:
+        tracking.check_reachable()
+        client = tracking.make_client()
+        try:
+            tracking.ensure_experiment(client, params.mlflow.experiment)
+        except MlflowException as err:
+            raise UserError(f"MLflow tracking store {tracking.tracking_uri()} is not usable: "
+                            f"{str(err).splitlines()[0]}") from None
+    report = train_and_track(params, client, weights, strategy, role)
+    if not role.is_chief:
+        return
     print(f"train: best epoch {report['best_epoch']} ({report['monitor']} "
           f"{report['best_value']:.4f}); model {paths.MODEL_FILE}; MLflow run "
           f"{report['run_id']}; registered {params.mlflow.model_name} "

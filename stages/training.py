@@ -101,8 +101,16 @@ def restore_optimizer(optimizer, variables: list, arrays: list[np.ndarray]) -> N
 
 
 def extract_features(extractor: keras.Model, datasets: list[tf.data.Dataset]) -> np.ndarray:
-    """Run the frozen base once over each view's dataset: array (views, n, features)."""
-    return np.stack([extractor.predict(ds, verbose=0) for ds in datasets]).astype(np.float32)
+    """Run the frozen base once over each view's dataset: array (views, n, features).
+
+    A plain loop over the local dataset rather than `predict`: under a multi-worker strategy
+    `predict` would shard and pad the data across workers, and every worker needs every
+    image's features, in order, to line them up with the labels.
+    """
+    call = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    views = [np.concatenate([np.asarray(call(x), dtype=np.float32) for x in ds])
+             for ds in datasets]
+    return np.stack(views)
 
 
 def feature_dataset(features: np.ndarray, onehot: np.ndarray, batch_size: int,
