@@ -248,10 +248,55 @@ def bench_bf16(work: Path, args) -> dict:
         results[policy] = round(args.step_batches * 32 / (time.perf_counter() - start), 2)
         keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("float32")
+    accuracy = _bf16_accuracy(work, args)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {"bf16_speedup": round(results["mixed_bfloat16"] / results["float32"], 2),
             "bf16": {"train_step_images_per_s": results, "image_size": args.step_size,
+                     "val_accuracy": accuracy, "accuracy_epochs": args.epochs,
                      "cpu_has_avx512_bf16": "avx512_bf16" in flags}}
+
+
+def _bf16_accuracy(work: Path, args) -> dict:
+    """Validation accuracy on the demo digits, phase 1 on cached features (what the demo
+    trains), the base run once per image and the head trained, under each policy."""
+    import keras
+
+    from stages.inputs import read_classes
+    from stages.model import build_classifier, freeze_base
+    from stages.train import make_data
+    from stages.training import compile_model, extract_features, feature_dataset, make_optimizer
+
+    root = _digits_project(work / "bf16", args.per_class)
+    os.chdir(root)
+    params = _params(root, **{"model.image_size": args.size, "model.weights": None,
+                              "train.head_lr": 0.01, "augment.flip": "none"})
+    classes = read_classes()
+    data = make_data(params, classes)
+    eye = np.eye(len(classes), dtype=np.float32)
+    accuracy = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.mixed_precision.set_global_policy(policy)
+        keras.utils.set_random_seed(params.train.seed)
+        clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
+        freeze_base(clf.base)
+        extractor = clf.feature_extractor()
+        train_f = extract_features(extractor, [data.make_images(data.train_files, None,
+                                                                False, None)])
+        val_f = extract_features(extractor, [data.make_images(data.val_files, None, False,
+                                                              None)])
+        head = clf.feature_head()
+        compile_model(head, make_optimizer(params.train, params.train.head_lr), params.train)
+        history = head.fit(
+            feature_dataset(train_f, eye[data.train_labels], params.train.batch_size, True,
+                            params.train.seed),
+            validation_data=feature_dataset(val_f, eye[data.val_labels],
+                                            params.train.batch_size, False, 0),
+            epochs=args.epochs, verbose=0)
+        accuracy[policy] = round(max(history.history["val_accuracy"]), 4)
+        keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    os.chdir(ROOT)
+    return accuracy
 
 
 # ------------------------------------------------------------------ pipeline runs

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict_cli.add_parser(sub)
     registry_cli.add_parsers(sub)
+    sub.add_parser("relog", help="send MLflow what a training kept on disk while the tracking "
+                                 "server was lost (models/mlflow_pending.json)")
     ui = sub.add_parser("ui", help="the MLflow UI on the project's store (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1",
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         from stages.errors import exits_cleanly
 
         return exits_cleanly(getattr(registry_cli, args.command))(args)
+    if args.command == "relog":
+        from stages import train
+        from stages.errors import exits_cleanly
+
+        exits_cleanly(train.relog)()
+        return 0
     if args.command == "ui":
         from stages import ui
         from stages.errors import exits_cleanly

@@ -16,6 +16,12 @@ class UserError(Exception):
     """A mistake the user can fix (bad params, missing data, no weights offline)."""
 
 
+class ServiceLost(Exception):
+    """A service went away mid-work (the tracking server): one line, exit 1, nothing lost."""
+
+    exit_code = 1
+
+
 def exits_cleanly(func: F) -> F:
     """Wrap a stage's main(): a UserError prints one line and exits 2; bugs still raise."""
 
@@ -26,6 +32,9 @@ def exits_cleanly(func: F) -> F:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except ServiceLost as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(ServiceLost.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -1,7 +1,8 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
 
-Reads params sections export, model (image_size, resize). Writes models/export/ and
-reports/export.json, and logs the report to the training run in MLflow. Fails when the
+Reads params sections export, model (image_size, resize), prepare.max_pixels. Writes
+models/export/ and reports/export.json, and logs the report and the fastest format that
+keeps the agreement gate (for `imgclf predict`) to the training run in MLflow. Fails when the
 SavedModel or TFLite float32 disagree with the Keras model (top-1 on any test image, or a
 probability off by more than 1e-4): an export that changes answers must not ship.
 """
@@ -100,6 +101,7 @@ def export(params: Params, model, classes: list[str], files: list[str]) -> dict:
         }
         (staging / ex.META).write_text(json.dumps(
             {"image_size": size, "resize": resize, "recommended": recommended,
+             "max_pixels": params.prepare.max_pixels,
              "formats": {n: {"top1_agreement": f["top1_agreement"]}
                          for n, f in formats.items()}}, indent=2), encoding="utf-8")
     return report
@@ -124,6 +126,15 @@ def main() -> None:
         run_id = json.loads(paths.TRAIN_REPORT.read_text(encoding="utf-8"))["run_id"]
         client = tracking.make_client()
         client.log_artifact(run_id, str(paths.EXPORT_REPORT), artifact_path="export")
+        # The fastest format that keeps the agreement gate, for `imgclf predict` from the
+        # registry (a few MB to tens of MB: the TFLite file in most cases).
+        from stages.exporting import PREDICT_ARTIFACT, recommended_files
+
+        for path in recommended_files(paths.EXPORT_DIR):
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), f"{PREDICT_ARTIFACT}/{path.name}")
+            else:
+                client.log_artifact(run_id, str(path), artifact_path=PREDICT_ARTIFACT)
         for name, fmt in report["formats"].items():
             for key in ("images_per_s", "latency_ms_batch1", "size_mb", "top1_agreement"):
                 client.log_metric(run_id, f"export_{name}_{key}", float(fmt[key]))

@@ -180,6 +180,18 @@ def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict
             "images_per_s": round(rounds * batch_size / elapsed, 2)}
 
 
+PREDICT_ARTIFACT = "export/predict"  # in the training run: what `imgclf predict` downloads
+
+
+def recommended_files(folder: Path) -> list[Path]:
+    """The files a predictor needs from an export folder: metadata, labels, the fastest
+    format that keeps the agreement gate."""
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    fmt = meta["recommended"]
+    model = SAVED_MODEL if fmt == "saved_model" else tflite_name(fmt.removeprefix("tflite_"))
+    return [folder / META, folder / LABELS, folder / model]
+
+
 def load_export(folder: Path) -> LoadedModel:
     """The export folder's recommended format as a LoadedModel (for `imgclf predict`)."""
     from stages.errors import UserError
@@ -195,4 +207,4 @@ def load_export(folder: Path) -> LoadedModel:
     else:
         runner = tflite_runner(folder / tflite_name(fmt.removeprefix("tflite_")), fmt)
     return LoadedModel(runner, classes, int(meta["image_size"]), meta["resize"],
-                       f"{folder} ({fmt})")
+                       f"{folder} ({fmt})", int(meta.get("max_pixels", 64_000_000)))

@@ -16,6 +16,8 @@ MODEL_FILE = MODELS_DIR / "model.keras"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
 BEST_WEIGHTS = CHECKPOINTS_DIR / "best.weights.h5"
 RESUME_DIR = CHECKPOINTS_DIR / "last"
+# Written only when the tracking server went away: what `imgclf relog` still has to send.
+MLFLOW_PENDING = MODELS_DIR / "mlflow_pending.json"
 TRAIN_REPORT = REPORTS_DIR / "train.json"
 TRAIN_METRICS = REPORTS_DIR / "train_metrics.json"
 TRAIN_HISTORY = REPORTS_DIR / "plots" / "train_history.csv"

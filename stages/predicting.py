@@ -28,6 +28,9 @@ class LoadedModel:
     image_size: int
     resize: str
     source: str
+    # Larger images are refused from their header, before decoding (prepare.max_pixels of
+    # the training, or the pipeline default).
+    max_pixels: int = 64_000_000
 
 
 def keras_predictor(model, tta: bool = False) -> Predictor:
@@ -72,13 +75,13 @@ def iter_batches(files: list[str], size: int, resize: str, batch_size: int,
 
 
 def predict_files(model: LoadedModel, files: list[str], batch_size: int = 32,
-                  progress: bool = True, max_pixels: int = 64_000_000,
+                  progress: bool = True,
                   ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Probabilities for every readable file: (probs, their indices in files, failures)."""
     all_probs, all_good, all_bad = [], [], []
     with tqdm(total=len(files), unit="img", desc="predict", disable=not progress) as bar:
         for good, pixels, bad in iter_batches(files, model.image_size, model.resize,
-                                              batch_size, max_pixels):
+                                              batch_size, model.max_pixels):
             if good:
                 all_probs.append(model.predict(pixels))
                 all_good += good
@@ -106,10 +109,12 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def load_keras_file(path: Path, classes_path: Path, image_size: int | None,
-                    resize: str, tta: bool = False) -> LoadedModel:
+                    resize: str, tta: bool = False, max_pixels: int = 64_000_000,
+                    ) -> LoadedModel:
     import keras
 
     model = keras.models.load_model(path, safe_mode=True)
     size = image_size or int(model.input_shape[1])
     classes = json.loads(classes_path.read_text(encoding="utf-8"))
-    return LoadedModel(keras_predictor(model, tta), classes, size, resize, str(path))
+    return LoadedModel(keras_predictor(model, tta), classes, size, resize, str(path),
+                       max_pixels)

@@ -14,6 +14,7 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import paths
@@ -24,6 +25,9 @@ ARTIFACTS_DIR = "mlartifacts"
 # MLflow 3's UI opens experiments without this tag on its GenAI overview; ours is model
 # training, so we say so.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+# What a tracking server that went away raises: MLflow's own error once its retries are
+# spent, or the connection error itself (requests' errors are OSErrors).
+TRACKING_ERRORS = (MlflowException, OSError)
 
 
 def project_root() -> Path:
@@ -62,6 +66,17 @@ def check_reachable(timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: "
                         f"{reason}. Start it, fix the address, or unset MLFLOW_TRACKING_URI "
                         "to use the project's embedded store") from None
+
+
+def unusable_message(err: MlflowException) -> str:
+    """One line for a store that answers but refuses: say what to set when it is auth."""
+    first = (str(err).strip().splitlines() or ["refused"])[0][:300]
+    hint = ""
+    if err.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401" in str(err) \
+            or " 403" in str(err):
+        hint = (" (the server asks for credentials: set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to an account with EDIT permission)")
+    return f"MLflow tracking store {tracking_uri()} is not usable: {first}{hint}"
 
 
 def make_client() -> MlflowClient:

@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from stages import atomic, paths
-from stages.errors import UserError, exits_cleanly
+from stages.errors import ServiceLost, UserError, exits_cleanly
 from stages.params import Params, load_params
 
 
@@ -144,8 +144,6 @@ def train_and_track(params: Params, client, weights: str | None, strategy=None,
 
 
 def _train(params: Params, client, weights: str | None, role, strategy_scope) -> dict:
-    from mlflow.entities import Metric
-
     from stages import resume, tracking
     from stages.inputs import read_classes
     from stages.model import build_classifier
@@ -187,10 +185,7 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
               f"({state.phase} phase)")
     checkpoints.mkdir(parents=True, exist_ok=True)
 
-    def log_epoch(row, tracker):
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, row["epoch"]) for k, v in _metrics_of(row).items()]
-        client.log_batch(run_id, metrics=metrics)
+    log_epoch = EpochLog(client, run_id)
 
     def save_resume_state(row, tracker):
         resume.save(resume_dir, classifier.model, optimizer_state(tracker.optimizer),
@@ -215,7 +210,10 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
         finish(classifier, tracker)
     except BaseException:
         if role.is_chief:
-            client.set_terminated(run_id, status="KILLED")
+            from stages.tracking import TRACKING_ERRORS
+
+            with contextlib.suppress(*TRACKING_ERRORS):
+                client.set_terminated(run_id, status="KILLED")
         raise
     # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
     # variable created now would wait forever for workers that have already finished.
@@ -227,14 +225,93 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
         return {"weights_digest": digest, "worker": role.index}
     save_keras_atomic(classifier.model, paths.MODEL_FILE)
     outputs = write_outputs(params, state, timings)
-    model_info = log_to_mlflow(client, run_id, params, classes, state, timings)
+    outputs.update(strategy=role.strategy_name, workers=role.num_workers, weights_digest=digest)
+    # Everything MLflow still has to receive, on disk before the first call that could fail:
+    # a server lost now (or a kill) costs a `relog`, never the training.
+    pending = {"run_id": run_id, "fingerprint": fp, "first_unsent_epoch": log_epoch.first_unsent,
+               "history": state.history, "timings": timings, "outputs": outputs}
+    atomic.write_json(paths.MLFLOW_PENDING, pending)
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    return publish(client, params, classes, pending)
+
+
+class EpochLog:
+    """Per-epoch metrics to the MLflow run. A tracking server lost mid-run stops the logging,
+    never the training: the epochs not sent stay in the history for `publish` to send."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.first_unsent: int | None = None
+
+    def __call__(self, row: dict, tracker=None) -> None:
+        from stages.tracking import TRACKING_ERRORS
+
+        if self.first_unsent is not None:
+            return
+        try:
+            self.send([row])
+        except TRACKING_ERRORS as err:
+            self.first_unsent = row["epoch"]
+            print(f"warning: MLflow tracking server lost at epoch {row['epoch']} "
+                  f"({_first_line(err)}); training goes on and keeps everything on disk",
+                  file=sys.stderr)
+
+    def send(self, rows: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, r["epoch"]) for r in rows for k, v in _metrics_of(r).items()]
+        for start in range(0, len(metrics), 1000):  # the REST API's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def publish(client, params: Params, classes: list[str], pending: dict) -> dict:
+    """Send MLflow what a finished training has on disk: the epochs it missed, artifacts,
+    model and registered version; then write reports/train.json. A tracking server that does
+    not answer leaves models/mlflow_pending.json for `imgclf relog` (or the next `dvc repro`).
+    """
+    from stages import tracking
+    from stages.tracking import TRACKING_ERRORS
+
+    run_id = pending["run_id"]
+    try:
+        if pending["first_unsent_epoch"] is not None:
+            EpochLog(client, run_id).send([r for r in pending["history"]
+                                           if r["epoch"] >= pending["first_unsent_epoch"]])
+            pending = {**pending, "first_unsent_epoch": None}
+        model_info = log_to_mlflow(client, run_id, params, classes, pending["timings"])
+    except TRACKING_ERRORS as err:
+        atomic.write_json(paths.MLFLOW_PENDING, pending)
+        raise ServiceLost(
+            f"MLflow tracking server {tracking.tracking_uri()} was lost ({_first_line(err)}). "
+            f"Training finished and nothing is lost: the model is in {paths.MODEL_FILE}, "
+            f"metrics and history in {paths.TRAIN_METRICS} and {paths.TRAIN_HISTORY}, and what "
+            f"MLflow run {run_id} still needs in {paths.MLFLOW_PENDING}. When the server is "
+            "back, run `imgclf relog` (or `dvc repro`, which relogs instead of retraining)"
+        ) from None
     report = {"run_id": run_id, "model_uri": model_info["model_uri"],
               "registered_model": params.mlflow.model_name,
-              "model_version": model_info["version"], "strategy": role.strategy_name,
-              "workers": role.num_workers, "weights_digest": digest, **outputs}
+              "model_version": model_info["version"], **pending["outputs"]}
     atomic.write_json(paths.TRAIN_REPORT, report)
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    paths.MLFLOW_PENDING.unlink(missing_ok=True)
     return report
+
+
+def read_pending(params: Params) -> dict | None:
+    """The pending MLflow logging of a finished training with these params and data."""
+    from stages import resume, tracking
+
+    if not paths.MLFLOW_PENDING.is_file() or not paths.MODEL_FILE.is_file():
+        return None
+    pending = json.loads(paths.MLFLOW_PENDING.read_text(encoding="utf-8"))
+    if pending.get("fingerprint") != resume.fingerprint(params.flat(), tracking.data_version()):
+        return None
+    return pending
 
 
 def write_outputs(params: Params, state, timings: dict) -> dict:
@@ -272,7 +349,7 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def log_to_mlflow(client, run_id: str, params: Params, classes, state, timings) -> dict:
+def log_to_mlflow(client, run_id: str, params: Params, classes, timings) -> dict:
     import mlflow
     import pandas as pd
     from mlflow.models.signature import ModelSignature
@@ -317,6 +394,29 @@ def log_to_mlflow(client, run_id: str, params: Params, classes, state, timings) 
     return {"model_uri": info.model_uri, "version": info.registered_model_version}
 
 
+def relog() -> dict:
+    """`imgclf relog`: send the MLflow run what a training kept on disk while its tracking
+    server was lost (models/mlflow_pending.json), with nothing lost and nothing sent twice."""
+    from stages import tracking
+    from stages.inputs import read_classes
+
+    params = load_params()
+    if not paths.MLFLOW_PENDING.is_file():
+        raise UserError(f"nothing to relog: {paths.MLFLOW_PENDING} does not exist (every "
+                        "finished training here has reached MLflow)")
+    pending = read_pending(params)
+    if pending is None:
+        raise UserError(f"{paths.MLFLOW_PENDING} belongs to another training than params.yaml, "
+                        f"data/prepared and {paths.MODEL_FILE} now hold; restore them (git "
+                        "checkout, dvc checkout) and run `imgclf relog` again")
+    tracking.check_reachable()
+    report = publish(tracking.make_client(), params, read_classes(), pending)
+    print(f"relog: MLflow run {report['run_id']} complete; registered "
+          f"{report['registered_model']} version {report['model_version']}. If the train "
+          "stage ended with this error under DVC, `dvc commit train` records it as done.")
+    return report
+
+
 @exits_cleanly
 def main() -> None:
     params = load_params()
@@ -337,9 +437,17 @@ def main() -> None:
         try:
             tracking.ensure_experiment(client, params.mlflow.experiment)
         except MlflowException as err:
-            raise UserError(f"MLflow tracking store {tracking.tracking_uri()} is not usable: "
-                            f"{str(err).splitlines()[0]}") from None
-    report = train_and_track(params, client, weights, strategy, role)
+            raise UserError(tracking.unusable_message(err)) from None
+    pending = read_pending(params) if role.is_chief else None
+    if pending is not None:
+        # This exact training already finished; only MLflow missed it (server lost).
+        print(f"train: {paths.MODEL_FILE} is already trained for these params and data; "
+              "sending MLflow what it missed instead of retraining")
+        from stages.inputs import read_classes
+
+        report = publish(client, params, read_classes(), pending)
+    else:
+        report = train_and_track(params, client, weights, strategy, role)
     if not role.is_chief:
         return
     print(f"train: best epoch {report['best_epoch']} ({report['monitor']} "

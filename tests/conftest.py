@@ -78,14 +78,18 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
 
 
-def sh(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900, env=None):
+def sh_env(env: dict | None = None) -> dict:
+    """The environment `sh` runs commands in: git identity, the venv's tools first on PATH."""
     import os
 
     bin_dir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
-                **(env or {})}
+    return {**os.environ, **GIT_ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            **(env or {})}
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900, env=None):
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env=full_env)
+                            env=sh_env(env))
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -160,3 +164,74 @@ def trained_project(tmp_path_factory) -> Path:
     finally:
         os.environ.update(saved)
     return root
+
+
+def png_header_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A small PNG whose header claims width x height (400 Mpx): refused from the header, it
+    says "too_large"; decoded, it would say "corrupt" (its pixel data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+
+
+BAD_INPUT_CLASSES = ("golden retriever", "Bichon Frisé", "柴犬")
+
+
+def write_bad_input_corpus(raw: Path) -> dict:
+    """Every odd and broken kind of file `prepare` handles, in class folders whose names have
+    spaces and non-ASCII letters. Returns {"valid": [kept paths], "skipped": {path: reason},
+    "ignored": [paths nobody reports], "duplicate": path, "conflict": [paths]}."""
+    a, b, c = BAD_INPUT_CLASSES
+    make_class_folders(raw, dict.fromkeys(BAD_INPUT_CLASSES, 7))
+    valid = [str(p.relative_to(raw.parent.parent)) for p in sorted(raw.rglob("*.png"))]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [photo(50, 50, 40), photo(50, 50, 41)]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    sixteen = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16),
+                              mode="I;16")
+    odd = {
+        f"{a}/rotated.jpg": encode(photo(64, 40, 30), "JPEG", exif=exif.tobytes()),
+        f"{a}/grey.PNG": encode(photo(64, 64, 31).convert("L")),
+        f"{a}/palette.gif": encode(photo(50, 50, 32).convert("P"), "GIF"),
+        f"{a}/sixteen bit.png": encode(sixteen),
+        f"{b}/alpha.webp": encode(photo(50, 50, 33).convert("RGBA"), "WEBP"),
+        f"{b}/cmyk.JPEG": encode(photo(50, 50, 34).convert("CMYK"), "JPEG"),
+        f"{b}/grey alpha.png": encode(photo(50, 50, 35).convert("LA")),
+        f"{c}/prog.jpg": encode(photo(50, 50, 36), "JPEG", progressive=True),
+        f"{c}/old.bmp": encode(photo(50, 50, 37), "BMP"),
+        f"{c}/animated.gif": animated.getvalue(),
+    }
+    full = encode(photo(120, 120, 38), "JPEG")
+    bad = {
+        f"{a}/empty.jpg": (b"", "empty_file"),
+        f"{a}/notes.jpg": (b"not an image at all" * 20, "not_an_image"),
+        f"{b}/truncated.jpg": (full[: len(full) // 2], "corrupt"),
+        f"{b}/tiny.png": (encode(photo(20, 20, 39)), "too_small"),
+        f"{c}/clip.mp4": (b"\x00\x00\x00\x18ftypmp42", "not_an_image_extension"),
+        f"{c}/bomb.png": (png_header_bomb(), "too_large"),
+        "loose.png": (encode(photo(50, 50, 43)), "no_class_folder"),
+    }
+    for rel, data in odd.items():
+        write(raw / rel, data)
+    for rel, (data, _) in bad.items():
+        write(raw / rel, data)
+    write(raw / ".DS_Store", b"\x00")
+    write(raw / a / "Thumbs.db", b"\x00")
+    write(raw / b / "README.txt", b"hello")
+    write(raw / a / "z copy.png", (raw / a / "img_000.png").read_bytes())    # duplicate
+    write(raw / c / "mislabelled.png", (raw / b / "img_001.png").read_bytes())  # conflict
+    prefix = f"{raw.parent.name}/{raw.name}"
+    conflict = [f"{prefix}/{b}/img_001.png", f"{prefix}/{c}/mislabelled.png"]
+    valid = [v for v in valid if v not in conflict] + [f"{prefix}/{rel}" for rel in odd]
+    return {"valid": sorted(valid), "duplicate": f"{prefix}/{a}/z copy.png",
+            "conflict": conflict,
+            "skipped": {f"{prefix}/{rel}": reason for rel, (_, reason) in bad.items()}}

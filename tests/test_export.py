@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from conftest import run_module
 
@@ -35,3 +39,13 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert [c.decode() for c in out["class_name"].numpy()] == [classes[i]
                                                               for i in probs.argmax(1)]
+
+    # `imgclf predict` from the registry now takes the export's recommended format, which
+    # the export stage logged to the training run; --exact keeps the Keras model.
+    out_csv = trained_project / "fast.csv"
+    fast = subprocess.run([str(Path(sys.executable).parent / "imgclf"), "predict",
+                           *map(str, files), "--model", "models:/imgclf/1", "-o", str(out_csv)],
+                          cwd=trained_project, capture_output=True, text=True, timeout=600)
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    assert f"[models:/imgclf/1 ({report['recommended']})]" in fast.stderr
+    assert len(pd.read_csv(out_csv)) == len(files)

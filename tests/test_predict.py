@@ -56,7 +56,7 @@ def test_kaggle_format_from_a_folder_with_bad_files(trained_project, tmp_path):
 def test_labels_format_from_the_registry(trained_project, tmp_path):
     files = sorted((trained_project / "data/raw/alpha").iterdir())[:3]
     result = imgclf(trained_project, "predict", *map(str, files), "--model",
-                    "models:/imgclf/1", "--top-k", "2")
+                    "models:/imgclf/1", "--top-k", "2", "--exact")
     assert result.returncode == 0, result.stderr[-2000:]
     frame = pd.read_csv(pd.io.common.StringIO(result.stdout))
     assert list(frame.columns) == ["path", "label_1", "prob_1", "label_2", "prob_2"]

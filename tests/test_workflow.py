@@ -7,10 +7,12 @@ promote the better -> a promote of the worse refused -> rollback -> predict from
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import pandas as pd
 import pytest
-from conftest import TINY, make_class_folders, set_params, sh
+from conftest import TINY, make_class_folders, set_params, sh, sh_env
 from mlflow.tracking import MlflowClient
 
 
@@ -23,9 +25,18 @@ def test_readme_walkthrough(dvc_repo):
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "data and tiny params"], repo)
 
-    first = sh(["dvc", "repro", "evaluate"], repo)
+    # A second `dvc repro` while the first runs is refused by DVC's lock; the first finishes.
+    first_proc = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=repo, env=sh_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (repo / "reports/prepare.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = sh(["dvc", "repro", "evaluate"], repo, check=False)
+    assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+    first_out, _ = first_proc.communicate(timeout=900)
+    assert first_proc.returncode == 0, first_out[-3000:]
     for stage in ("prepare", "augment_preview", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in first.stdout
+        assert f"Running stage '{stage}'" in first_out
     assert "Running stage" not in sh(["dvc", "repro", "evaluate"], repo).stdout
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert "accuracy" in json.dumps(shown) and "n_test" in json.dumps(shown)
