@@ -1,7 +1,8 @@
 """The registered model: an MLflow pyfunc that takes image files, not tensors.
 
 Input: a DataFrame with a column `image` whose values are base64-encoded file bytes (what
-JSON clients send), raw bytes, or file paths. Output per image: `label`, `confidence`,
+JSON clients send) or raw bytes; never file paths, so that a client of the served model
+cannot make the server read its own files. Output per image: `label`, `confidence`,
 `top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
 read: one bad upload in a batch does not fail the others). A request with no readable image
 at all, or without an `image` column, is refused as a bad request (HTTP 400 when served).
@@ -26,15 +27,12 @@ def image_bytes(value) -> bytes:
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     if not isinstance(value, str):
-        raise ImageRejected("bad_input", f"expected base64 text, bytes or a path, got "
+        raise ImageRejected("bad_input", f"expected base64 text or bytes, got "
                                          f"{type(value).__name__}")
-    if len(value) < 4096 and Path(value).is_file():
-        return Path(value).read_bytes()
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageRejected("bad_input", "neither base64 image bytes nor an existing file") \
-            from None
+        raise ImageRejected("bad_input", "not base64-encoded image bytes") from None
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):

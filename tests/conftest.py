@@ -196,8 +196,7 @@ def write_bad_input_corpus(raw: Path) -> dict:
     frames = [photo(50, 50, 40), photo(50, 50, 41)]
     animated = io.BytesIO()
     frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
-    sixteen = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16),
-                              mode="I;16")
+    sixteen = Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
     odd = {
         f"{a}/rotated.jpg": encode(photo(64, 40, 30), "JPEG", exif=exif.tobytes()),
         f"{a}/grey.PNG": encode(photo(64, 64, 31).convert("L")),

@@ -85,6 +85,11 @@ def test_bad_input_corpus_through_the_whole_pipeline(project):
         assert by_name[name]["label"] is None and by_name[name]["error"]
     labels = json.loads(by_name[corpus["valid"][0]]["top_k"])
     assert {item["label"] for item in labels} <= set(BAD_INPUT_CLASSES)
+    # A path on the server's disk is not an upload: refused, never read.
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="not base64"):
+        served.predict(pd.DataFrame({"image": [str(project / corpus["valid"][0])]}))
 
 
 def test_oversized_images_are_refused_from_the_header(tmp_path):

@@ -69,15 +69,12 @@ def postgres():
     pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
        f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start")
     try:
-        import psycopg2
+        import psycopg
 
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="mlflow", password=PASSWORD,
-                                dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE mlflow")
-            cur.execute("CREATE DATABASE mlflow_auth")
-        conn.close()
+        with psycopg.connect(host="127.0.0.1", port=port, user="mlflow", password=PASSWORD,
+                             dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE mlflow")
+            conn.execute("CREATE DATABASE mlflow_auth")
         yield f"postgresql://mlflow:{PASSWORD}@127.0.0.1:{port}"
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast",

@@ -241,6 +241,10 @@ def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project)
          "state": {"phase": "head", "epochs_done": 1, "head_epochs_run": 1, "best": 0.5,
                    "best_epoch": 0, "wait": 0, "history": []}}))
     (last / "model.weights.h5").write_bytes(b"half-written garbage")
+    set_params(tiny_project, train__head_epochs=2, train__finetune_epochs=0)
+    fp = resume.fingerprint(load_params().flat(), data_version())  # the params changed
+    state = json.loads((last / "state.json").read_text())
+    (last / "state.json").write_text(json.dumps({**state, "fingerprint": fp}))
     result = run_module("stages.train", tiny_project)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resume checkpoint" in result.stderr and "from scratch" in result.stderr
