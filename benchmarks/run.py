@@ -66,7 +66,29 @@ def _params(root: Path, **overrides):
 
 
 def bench_frozen_phase(work: Path, args) -> dict:
-    """Phase 1 for N epochs: frozen base inside fit every epoch vs cached features."""
+    """Phase 1 for N epochs: frozen base inside fit every epoch vs cached features.
+
+    Each way runs in a fresh process on the same prepared data and seed: in one process the
+    second way inherits the first one's memory and thread state (measured: extraction 1.5x
+    slower after a plain fit in the same process).
+    """
+    root = _digits_project(work / "frozen", args.per_class)
+    results = {}
+    for way in ("plain", "cached"):
+        out = _run([sys.executable, "-m", "benchmarks.run", "--frozen-way", way,
+                    "--size", str(args.size), "--epochs", str(args.epochs)], root)
+        results[way] = json.loads(out.stdout.strip().splitlines()[-1])
+    train_images = results["cached"].pop("train_images")
+    results["plain"].pop("train_images")
+    return {"frozen_phase_speedup": round(results["plain"]["seconds"]
+                                          / results["cached"]["seconds"], 2),
+            "frozen_phase": {**results, "epochs": args.epochs, "image_size": args.size,
+                             "train_images": train_images}}
+
+
+def frozen_way(way: str, args) -> dict:
+    """One way of phase 1 in this process (cwd: a prepared project), timed from the built
+    model to the last epoch."""
     import keras
 
     from stages.inputs import read_classes
@@ -75,12 +97,12 @@ def bench_frozen_phase(work: Path, args) -> dict:
     from stages.training import (
         compile_model,
         extract_features,
+        extraction_batch,
         feature_dataset,
         make_optimizer,
     )
 
-    root = _digits_project(work / "frozen", args.per_class)
-    os.chdir(root)
+    root = Path.cwd()
     # No augmentation, so both ways see exactly the same inputs every epoch.
     params = _params(root, **{"model.image_size": args.size, "model.weights": None,
                               "train.head_lr": 0.01, "augment.flip": "none",
@@ -90,38 +112,33 @@ def bench_frozen_phase(work: Path, args) -> dict:
     classes = read_classes()
     data = make_data(params, classes)
     eye = np.eye(len(classes), dtype=np.float32)
-    results = {}
-    for way in ("plain", "cached"):
-        keras.utils.set_random_seed(params.train.seed)
-        clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
-        freeze_base(clf.base)
-        start = time.perf_counter()
-        if way == "plain":
-            model = clf.model
-            fit = data.make_images(data.train_files, data.train_labels, True, None)
-            val = data.make_images(data.val_files, data.val_labels, False, None)
-        else:
-            extractor = clf.feature_extractor()
-            train_f = extract_features(extractor, [data.make_images(data.train_files, None,
-                                                                    False, None)])
-            val_f = extract_features(extractor, [data.make_images(data.val_files, None,
-                                                                  False, None)])
-            model = clf.feature_head()
-            fit = feature_dataset(train_f, eye[data.train_labels], params.train.batch_size,
-                                  True, params.train.seed)
-            val = feature_dataset(val_f, eye[data.val_labels], params.train.batch_size,
-                                  False, 0)
-        compile_model(model, make_optimizer(params.train, params.train.head_lr), params.train)
-        history = model.fit(fit, validation_data=val, epochs=args.epochs, verbose=0)
-        elapsed = time.perf_counter() - start
-        results[way] = {"seconds": round(elapsed, 2),
-                        "seconds_per_epoch": round(elapsed / args.epochs, 3),
-                        "val_accuracy": round(max(history.history["val_accuracy"]), 4)}
-    os.chdir(ROOT)
-    return {"frozen_phase_speedup": round(results["plain"]["seconds"]
-                                          / results["cached"]["seconds"], 2),
-            "frozen_phase": {**results, "epochs": args.epochs, "image_size": args.size,
-                             "train_images": len(data.train_files)}}
+    keras.utils.set_random_seed(params.train.seed)
+    clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
+    freeze_base(clf.base)
+    extra = {}
+    start = time.perf_counter()
+    if way == "plain":
+        model = clf.model
+        fit = data.make_images(data.train_files, data.train_labels, True, None)
+        val = data.make_images(data.val_files, data.val_labels, False, None)
+    else:
+        extractor = clf.feature_extractor()
+        batch = extraction_batch(args.size, params.train.batch_size)
+        train_f = extract_features(extractor, [data.make_images(data.train_files, None,
+                                                                False, None, batch)])
+        val_f = extract_features(extractor, [data.make_images(data.val_files, None,
+                                                              False, None, batch)])
+        extra["extraction_seconds"] = round(time.perf_counter() - start, 2)
+        model = clf.feature_head()
+        fit = feature_dataset(train_f, eye[data.train_labels], params.train.batch_size,
+                              True, params.train.seed)
+        val = feature_dataset(val_f, eye[data.val_labels], params.train.batch_size, False, 0)
+    compile_model(model, make_optimizer(params.train, params.train.head_lr), params.train)
+    history = model.fit(fit, validation_data=val, epochs=args.epochs, verbose=0)
+    elapsed = time.perf_counter() - start
+    return {"seconds": round(elapsed, 2), "seconds_per_epoch": round(elapsed / args.epochs, 3),
+            "val_accuracy": round(max(history.history["val_accuracy"]), 4),
+            "train_images": len(data.train_files), **extra}
 
 
 # ------------------------------------------------------------------ pipeline vs step
@@ -405,7 +422,11 @@ def main() -> None:
     parser.add_argument("--forward-batch", type=int, default=16)
     parser.add_argument("--prepare-images", type=int, default=5000)
     parser.add_argument("--output", default=str(ROOT / "reports/bench.json"))
+    parser.add_argument("--frozen-way", choices=("plain", "cached"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.frozen_way:  # one side of the frozen-phase comparison, in its own process
+        print(json.dumps(frozen_way(args.frozen_way, args)))
+        return
     output = Path(args.output)
     # --only refreshes some measurements and keeps the others from the last run.
     results: dict = json.loads(output.read_text()) if args.only and output.is_file() else {}

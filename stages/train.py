@@ -55,17 +55,33 @@ def make_data(params: Params, classes: list[str]):
     val_files, val_labels = read_manifest("val", classes)
     augmenters: dict[int, object] = {}
 
-    def make_images(files, labels, shuffle, augment_seed):
+    def make_images(files, labels, shuffle, augment_seed, batch_size=None):
         aug = None
         if augment_seed is not None:
             if augment_seed not in augmenters:
                 augmenters[augment_seed] = augmenter(params.augment, augment_seed)
             aug = augmenters[augment_seed]
         return image_dataset(files, labels, len(classes), params.model.image_size,
-                             params.model.resize, params.train.batch_size, shuffle=shuffle,
+                             params.model.resize, batch_size or params.train.batch_size,
+                             shuffle=shuffle,
                              seed=params.train.seed, augmenter=aug)
 
     return Data(train_files, train_labels, val_files, val_labels, len(classes), make_images)
+
+
+def float32_copy(classifier, params: Params, num_classes: int):
+    """The trained model rebuilt under the float32 policy, holding the same weights (mixed
+    precision keeps its variables in float32 already). Mixed precision is a training
+    speed-up; the model that ships computes in float32, so evaluation, export and serving
+    give the same answers on every machine, bf16 hardware or not."""
+    import keras
+
+    from stages.model import build_classifier
+
+    keras.mixed_precision.set_global_policy("float32")
+    shipped = build_classifier(params.model, num_classes, None, seed=params.train.seed)
+    shipped.model.set_weights(classifier.model.get_weights())
+    return shipped
 
 
 def save_keras_atomic(model, path: Path) -> None:
@@ -218,6 +234,8 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
     # variable created now would wait forever for workers that have already finished.
     strategy_scope.close()
+    if params.train.precision != "float32":
+        classifier = float32_copy(classifier, params, len(classes))
     digest = weights_digest(classifier.model)
     print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
     if not role.is_chief:
