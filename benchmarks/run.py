@@ -316,6 +316,48 @@ def _bf16_accuracy(work: Path, args) -> dict:
     return accuracy
 
 
+# ------------------------------------------------------------------ XLA
+
+
+def bench_xla(work: Path, args) -> dict:
+    """The phase-2 training step and the forward pass with XLA (`jit_compile=True`) vs
+    without, same model and batch: the lever is kept only if this ratio says so."""
+    import keras
+    import tensorflow as tf
+
+    from stages.model import build_classifier, unfreeze_top
+    from stages.params import ModelParams, TrainParams
+    from stages.training import compile_model, make_optimizer
+
+    x = tf.random.uniform((32, args.step_size, args.step_size, 3), 0, 255)
+    y = tf.one_hot(tf.random.uniform((32,), 0, 10, tf.int32), 10)
+    step, forward, compile_s = {}, {}, {}
+    for jit in (False, True):
+        clf = build_classifier(ModelParams(image_size=args.step_size, weights=None), 10, None)
+        unfreeze_top(clf.base, TrainParams().unfreeze)
+        compile_model(clf.model, make_optimizer(TrainParams(), 1e-5), TrainParams())
+        clf.model.jit_compile = jit
+        start = time.perf_counter()
+        clf.model.train_on_batch(x, y)
+        compile_s[str(jit)] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        for _ in range(args.step_batches):
+            clf.model.train_on_batch(x, y)
+        step[str(jit)] = args.step_batches * 32 / (time.perf_counter() - start)
+        call = tf.function(lambda a, m=clf.model: m(a, training=False), jit_compile=jit)
+        call(x)
+        start = time.perf_counter()
+        for _ in range(args.step_batches):
+            call(x)
+        forward[str(jit)] = args.step_batches * 32 / (time.perf_counter() - start)
+        keras.backend.clear_session()
+    return {"xla_speedup": round(step["True"] / step["False"], 2),
+            "xla": {"train_step_speedup": round(step["True"] / step["False"], 2),
+                    "forward_speedup": round(forward["True"] / forward["False"], 2),
+                    "first_step_seconds": {"xla": compile_s["True"], "plain": compile_s["False"]},
+                    "image_size": args.step_size}}
+
+
 # ------------------------------------------------------------------ pipeline runs
 
 
@@ -403,6 +445,7 @@ BENCHES = {
     "forward": bench_forward_peak,
     "pipeline": bench_pipeline_headroom,
     "bf16": bench_bf16,
+    "xla": bench_xla,
     "frozen": bench_frozen_phase,
     "repro_export": bench_repro_and_export,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,18 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(frame) -> str:
+    """A DataFrame as the CSV every stage writes: no index, \n line ends (the same bytes on
+    every OS, so DVC hashes agree), floats to 6 significant digits."""
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
+    return buffer.getvalue()
+
+
+def write_csv(path: str | Path, frame) -> None:
+    write_text(path, csv_text(frame))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -9,7 +9,6 @@ registered model version with the test metrics.
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -38,12 +37,6 @@ def evaluate(params: Params, model, files: list[str], labels: np.ndarray, classe
             m.confused_pairs(matrix, classes), probs)
 
 
-def _csv(frame) -> str:
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
-    return buffer.getvalue()
-
-
 def write_reports(summary, per_class, matrix, pairs, probs, files, labels, classes,
                   image_size: int, resize: str) -> list:
     import pandas as pd
@@ -53,11 +46,11 @@ def write_reports(summary, per_class, matrix, pairs, probs, files, labels, class
     from stages.images import load_pixels
 
     atomic.write_json(paths.METRICS, summary)
-    atomic.write_text(paths.PER_CLASS, _csv(per_class))
-    atomic.write_text(paths.CONFUSED_PAIRS, _csv(pairs))
+    atomic.write_csv(paths.PER_CLASS, per_class)
+    atomic.write_csv(paths.CONFUSED_PAIRS, pairs)
     predicted = probs.argmax(axis=1)
-    atomic.write_text(paths.CONFUSION_CSV, _csv(pd.DataFrame(
-        {"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]})))
+    atomic.write_csv(paths.CONFUSION_CSV, pd.DataFrame(
+        {"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]}))
     wrong = m.confidently_wrong(probs, labels, WRONG_SHOWN)
     figures = {
         "confusion_matrix.png": plots.confusion_matrix_png(matrix, classes),

@@ -12,7 +12,6 @@ use the Keras model itself.
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -62,8 +61,7 @@ def load_model(spec: str, tta: bool = False, exact: bool = False):
 
         from stages import tracking
 
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        mlflow.set_registry_uri(tracking.tracking_uri())
+        tracking.use_fluent()
         if not exact and not tta and spec.startswith("models:/"):
             fast = _exported_for(spec)
             if fast is not None:
@@ -141,14 +139,12 @@ def run(args) -> int:
         frame = format_kaggle(files, probs, good, model.classes)
     else:
         frame = format_labels(files, probs, good, model.classes, args.top_k)
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
     if args.output:
-        atomic.write_text(args.output, buffer.getvalue())
+        atomic.write_csv(args.output, frame)
         print(f"predict: {len(good)} image(s) -> {args.output}"
               f"{f' ({len(bad)} skipped)' if bad else ''} [{model.source}]", file=sys.stderr)
     else:
-        sys.stdout.write(buffer.getvalue())
+        sys.stdout.write(atomic.csv_text(frame))
     return 0
 
 

@@ -6,7 +6,6 @@ data/prepared/classes.json and reports/prepare.json.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -68,10 +67,7 @@ def prepare(params: Params, progress: bool = True) -> tuple[dict[str, list[dict]
 
 
 def manifest_csv(records: list[dict]) -> str:
-    buffer = io.StringIO()
-    pd.DataFrame(records, columns=MANIFEST_COLUMNS).to_csv(buffer, index=False,
-                                                           lineterminator="\n")
-    return buffer.getvalue()
+    return atomic.csv_text(pd.DataFrame(records, columns=MANIFEST_COLUMNS))
 
 
 def summary(report: dict) -> str:

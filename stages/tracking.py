@@ -79,6 +79,15 @@ def unusable_message(err: MlflowException) -> str:
     return f"MLflow tracking store {tracking_uri()} is not usable: {first}{hint}"
 
 
+def use_fluent() -> None:
+    """Point MLflow's fluent API (mlflow.pyfunc.log_model / load_model) at the same store as
+    `make_client`: runs and the registry in one place."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+
+
 def make_client() -> MlflowClient:
     uri = tracking_uri()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

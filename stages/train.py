@@ -337,10 +337,7 @@ def write_outputs(params: Params, state, timings: dict) -> dict:
 
     from stages.plots import training_curves
 
-    history = pd.DataFrame(state.history)
-    buffer = io.StringIO()
-    history.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
-    atomic.write_text(paths.TRAIN_HISTORY, buffer.getvalue())
+    atomic.write_csv(paths.TRAIN_HISTORY, pd.DataFrame(state.history))
     atomic.write_bytes(paths.TRAIN_CURVES, training_curves(state.history))
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
     metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epochs_done,
@@ -395,8 +392,7 @@ def log_to_mlflow(client, run_id: str, params: Params, classes, timings) -> dict
                                       "max_pixels": params.prepare.max_pixels}))
         requirements = [f"{name}=={version(name)}" for name in
                         ("tensorflow-cpu", "keras", "pillow", "numpy", "pandas", "mlflow")]
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        mlflow.set_registry_uri(tracking.tracking_uri())
+        tracking.use_fluent()
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
