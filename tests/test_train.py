@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -165,7 +167,8 @@ def test_train_stage_logs_and_registers_in_mlflow(tiny_project):
     served = mlflow.pyfunc.load_model("models:/imgclf/1")
     val = pd.read_csv(tiny_project / "data/prepared/val.csv")
     files = [str(tiny_project / p) for p in val["path"]]
-    out = served.predict(pd.DataFrame({"image": files}))
+    uploads = [base64.b64encode(Path(f).read_bytes()).decode() for f in files]
+    out = served.predict(pd.DataFrame({"image": uploads}))
     keras_model = keras.models.load_model(tiny_project / "models/model.keras", safe_mode=True)
     from stages.images import load_pixels
 
