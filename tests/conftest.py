@@ -68,6 +68,21 @@ def set_params(root: Path, **overrides) -> None:
         yaml.dump(data, handle)
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct ports on 127.0.0.1 that nothing listens on now (all held until all are
+    known, so they differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def run_module(module: str, cwd: Path, *args: str, timeout: int = 600):
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout,

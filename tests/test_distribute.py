@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_module, set_params
+from conftest import ROOT, free_ports, run_module, set_params
 
 from stages.distribute import choose, cluster_from_env
 from stages.errors import UserError
@@ -49,16 +48,6 @@ def test_multi_worker_without_tf_config_is_a_user_error(tiny_project):
     assert "Traceback" not in result.stderr
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_workers_train_in_sync_and_only_the_chief_logs(tiny_project, tmp_path):
     import keras
@@ -68,7 +57,7 @@ def test_two_workers_train_in_sync_and_only_the_chief_logs(tiny_project, tmp_pat
 
     run_module("stages.augment_preview", tiny_project)
     set_params(tiny_project, train__strategy="multi_worker")
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     worker_tmp = tmp_path / "worker-tmp"
     worker_tmp.mkdir()
     procs = []

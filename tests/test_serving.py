@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_ports
 
 
 def post(url: str, payload) -> tuple[int, dict]:
@@ -35,7 +29,7 @@ def post(url: str, payload) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_served_model_answers_images_and_refuses_garbage(trained_project):
-    port = free_port()
+    port = free_ports()[0]
     bin_dir = str(Path(sys.executable).parent)  # mlflow execs uvicorn from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{trained_project / 'mlflow.db'}",
            "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, set_params
+from conftest import ROOT, free_ports, set_params
 
 PASSWORD = "s3cret-pg"
 ADMIN = ("admin", "s3cret-admin")
@@ -34,12 +33,6 @@ def _pg_bin() -> Path | None:
         return Path(found).resolve().parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     return Path(candidates[-1]).parent if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def postgres():
     if as_user:
         shutil.chown(base, "postgres")
         shutil.chown(base / "pw", "postgres")
-    port = _free_port()
+    port = free_ports()[0]
     data = base / "data"
 
     def pg(*cmd: str) -> None:
@@ -86,7 +79,7 @@ class Server:
     """`mlflow server` with basic auth, a PostgreSQL store and served artifacts."""
 
     def __init__(self, pg_uri: str, root: Path):
-        self.port = _free_port()
+        self.port = free_ports()[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / "served-artifacts"
         self.auth_ini = root / "auth.ini"

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, run_module, set_params
+from conftest import ROOT, free_ports, run_module, set_params
 from mlflow.tracking import MlflowClient
 
 from stages.model import WEIGHTS_FILE, WEIGHTS_URL, build_classifier, unfreeze_top
@@ -217,9 +216,7 @@ def test_resume_after_sigkill_continues_the_same_run(tiny_project):
 
 
 def test_unreachable_tracking_server_fails_before_training(tiny_project):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]  # nobody listens there
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tiny_project, env=env,
