@@ -183,17 +183,23 @@ def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict
 PREDICT_ARTIFACT = "export/predict"  # in the training run: what `imgclf predict` downloads
 
 
+def format_path(folder: Path, fmt: str) -> Path:
+    """Where format `fmt` (saved_model, tflite_<variant>) lies in an export folder."""
+    return folder / (SAVED_MODEL if fmt == "saved_model"
+                     else tflite_name(fmt.removeprefix("tflite_")))
+
+
 def recommended_files(folder: Path) -> list[Path]:
     """The files a predictor needs from an export folder: metadata, labels, the fastest
     format that keeps the agreement gate."""
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    fmt = meta["recommended"]
-    model = SAVED_MODEL if fmt == "saved_model" else tflite_name(fmt.removeprefix("tflite_"))
-    return [folder / META, folder / LABELS, folder / model]
+    return [folder / META, folder / LABELS, format_path(folder, meta["recommended"])]
 
 
-def load_export(folder: Path) -> LoadedModel:
-    """The export folder's recommended format as a LoadedModel (for `imgclf predict`)."""
+def load_export(folder: Path, label: str | None = None) -> LoadedModel:
+    """The export folder's recommended format as a LoadedModel (for `imgclf predict`),
+    named `label (format)` in messages (default: the folder). The format is loaded into
+    memory, so the folder may go away afterwards."""
     from stages.errors import UserError
 
     meta_path = folder / META
@@ -203,8 +209,8 @@ def load_export(folder: Path) -> LoadedModel:
     classes = (folder / LABELS).read_text(encoding="utf-8").splitlines()
     fmt = meta["recommended"]
     if fmt == "saved_model":
-        runner = saved_model_runner(folder / SAVED_MODEL)
+        runner = saved_model_runner(format_path(folder, fmt))
     else:
-        runner = tflite_runner(folder / tflite_name(fmt.removeprefix("tflite_")), fmt)
+        runner = tflite_runner(format_path(folder, fmt), fmt)
     return LoadedModel(runner, classes, int(meta["image_size"]), meta["resize"],
-                       f"{folder} ({fmt})", int(meta.get("max_pixels", 64_000_000)))
+                       f"{label or folder} ({fmt})", int(meta.get("max_pixels", 64_000_000)))

@@ -40,15 +40,17 @@ def _exported_for(spec: str):
         else:
             name, number = target.rsplit("/", 1)
             version = client.get_model_version(name, number)
-        if not version.run_id:
-            return None
-        folder = client.download_artifacts(version.run_id, PREDICT_ARTIFACT,
-                                           tempfile.mkdtemp(prefix="imgclf-predict-"))
     except (MlflowException, OSError, ValueError):
         return None
-    loaded = load_export(Path(folder))
-    loaded.source = f"{spec} ({loaded.source.rsplit('(', 1)[-1]}"
-    return loaded
+    if not version.run_id:
+        return None
+    # Loaded into memory, then the download goes: nothing piles up in the temp folder.
+    with tempfile.TemporaryDirectory(prefix="imgclf-predict-") as tmp:
+        try:
+            folder = client.download_artifacts(version.run_id, PREDICT_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            return None
+        return load_export(Path(folder), label=spec)
 
 
 def load_model(spec: str, tta: bool = False, exact: bool = False):
