@@ -84,7 +84,6 @@ def make_strategy(name: str):
     return tf.distribute.get_strategy(), Role(chosen)
 
 
-
 def _local_batch_build(self, iterator=None, data_batch=None):
     """Keras's TensorFlowTrainer._maybe_symbolic_build, building from this worker's own first
     batch instead of `strategy.reduce` over the (x, y) tuple, which fails under

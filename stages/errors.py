@@ -15,6 +15,8 @@ F = TypeVar("F", bound=Callable[..., object])
 class UserError(Exception):
     """A mistake the user can fix (bad params, missing data, no weights offline)."""
 
+    exit_code = EXIT_USER_ERROR
+
 
 class ServiceLost(Exception):
     """A service went away mid-work (the tracking server): one line, exit 1, nothing lost."""
@@ -23,18 +25,16 @@ class ServiceLost(Exception):
 
 
 def exits_cleanly(func: F) -> F:
-    """Wrap a stage's main(): a UserError prints one line and exits 2; bugs still raise."""
+    """Wrap a stage's main(): a UserError prints one line and exits 2, a ServiceLost one line
+    and exits 1; bugs still raise."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except UserError as err:
+        except (UserError, ServiceLost) as err:
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        except ServiceLost as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(ServiceLost.exit_code)
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
