@@ -86,6 +86,30 @@ def bench_frozen_phase(work: Path, args) -> dict:
                              "train_images": train_images}}
 
 
+def _phase1_on_cached_features(clf, data, params, epochs: int, batch: int):
+    """Phase 1 the cached way: the frozen base once over train and val, then the head on
+    those features. (Keras history, seconds spent extracting)."""
+    from stages.training import compile_model, extract_features, feature_dataset, make_optimizer
+
+    start = time.perf_counter()
+    extractor = clf.feature_extractor()
+    train_f = extract_features(extractor, [data.make_images(data.train_files, None, False,
+                                                            None, batch)])
+    val_f = extract_features(extractor, [data.make_images(data.val_files, None, False, None,
+                                                          batch)])
+    extraction_seconds = time.perf_counter() - start
+    eye = np.eye(data.num_classes, dtype=np.float32)
+    head = clf.feature_head()
+    compile_model(head, make_optimizer(params.train, params.train.head_lr), params.train)
+    history = head.fit(
+        feature_dataset(train_f, eye[data.train_labels], params.train.batch_size, True,
+                        params.train.seed),
+        validation_data=feature_dataset(val_f, eye[data.val_labels], params.train.batch_size,
+                                        False, 0),
+        epochs=epochs, verbose=0)
+    return history, extraction_seconds
+
+
 def frozen_way(way: str, args) -> dict:
     """One way of phase 1 in this process (cwd: a prepared project), timed from the built
     model to the last epoch."""
@@ -94,13 +118,7 @@ def frozen_way(way: str, args) -> dict:
     from stages.inputs import read_classes
     from stages.model import build_classifier, freeze_base
     from stages.train import make_data
-    from stages.training import (
-        compile_model,
-        extract_features,
-        extraction_batch,
-        feature_dataset,
-        make_optimizer,
-    )
+    from stages.training import compile_model, extraction_batch, make_optimizer
 
     root = Path.cwd()
     # No augmentation, so both ways see exactly the same inputs every epoch.
@@ -111,30 +129,22 @@ def frozen_way(way: str, args) -> dict:
                               "augment.brightness": 0.0})
     classes = read_classes()
     data = make_data(params, classes)
-    eye = np.eye(len(classes), dtype=np.float32)
     keras.utils.set_random_seed(params.train.seed)
     clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
     freeze_base(clf.base)
     extra = {}
     start = time.perf_counter()
     if way == "plain":
-        model = clf.model
-        fit = data.make_images(data.train_files, data.train_labels, True, None)
-        val = data.make_images(data.val_files, data.val_labels, False, None)
+        compile_model(clf.model, make_optimizer(params.train, params.train.head_lr),
+                      params.train)
+        history = clf.model.fit(data.make_images(data.train_files, data.train_labels, True, None),
+                                validation_data=data.make_images(data.val_files, data.val_labels,
+                                                                 False, None),
+                                epochs=args.epochs, verbose=0)
     else:
-        extractor = clf.feature_extractor()
-        batch = extraction_batch(args.size, params.train.batch_size)
-        train_f = extract_features(extractor, [data.make_images(data.train_files, None,
-                                                                False, None, batch)])
-        val_f = extract_features(extractor, [data.make_images(data.val_files, None,
-                                                              False, None, batch)])
-        extra["extraction_seconds"] = round(time.perf_counter() - start, 2)
-        model = clf.feature_head()
-        fit = feature_dataset(train_f, eye[data.train_labels], params.train.batch_size,
-                              True, params.train.seed)
-        val = feature_dataset(val_f, eye[data.val_labels], params.train.batch_size, False, 0)
-    compile_model(model, make_optimizer(params.train, params.train.head_lr), params.train)
-    history = model.fit(fit, validation_data=val, epochs=args.epochs, verbose=0)
+        history, extraction = _phase1_on_cached_features(
+            clf, data, params, args.epochs, extraction_batch(args.size, params.train.batch_size))
+        extra["extraction_seconds"] = round(extraction, 2)
     elapsed = time.perf_counter() - start
     return {"seconds": round(elapsed, 2), "seconds_per_epoch": round(elapsed / args.epochs, 3),
             "val_accuracy": round(max(history.history["val_accuracy"]), 4),
@@ -281,7 +291,6 @@ def _bf16_accuracy(work: Path, args) -> dict:
     from stages.inputs import read_classes
     from stages.model import build_classifier, freeze_base
     from stages.train import make_data
-    from stages.training import compile_model, extract_features, feature_dataset, make_optimizer
 
     root = _digits_project(work / "bf16", args.per_class)
     os.chdir(root)
@@ -289,26 +298,14 @@ def _bf16_accuracy(work: Path, args) -> dict:
                               "train.head_lr": 0.01, "augment.flip": "none"})
     classes = read_classes()
     data = make_data(params, classes)
-    eye = np.eye(len(classes), dtype=np.float32)
     accuracy = {}
     for policy in ("float32", "mixed_bfloat16"):
         keras.mixed_precision.set_global_policy(policy)
         keras.utils.set_random_seed(params.train.seed)
         clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
         freeze_base(clf.base)
-        extractor = clf.feature_extractor()
-        train_f = extract_features(extractor, [data.make_images(data.train_files, None,
-                                                                False, None)])
-        val_f = extract_features(extractor, [data.make_images(data.val_files, None, False,
-                                                              None)])
-        head = clf.feature_head()
-        compile_model(head, make_optimizer(params.train, params.train.head_lr), params.train)
-        history = head.fit(
-            feature_dataset(train_f, eye[data.train_labels], params.train.batch_size, True,
-                            params.train.seed),
-            validation_data=feature_dataset(val_f, eye[data.val_labels],
-                                            params.train.batch_size, False, 0),
-            epochs=args.epochs, verbose=0)
+        history, _ = _phase1_on_cached_features(clf, data, params, args.epochs,
+                                                params.train.batch_size)
         accuracy[policy] = round(max(history.history["val_accuracy"]), 4)
         keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("float32")
