@@ -89,6 +89,8 @@ def bench_frozen_phase(work: Path, args) -> dict:
 def _phase1_on_cached_features(clf, data, params, epochs: int, batch: int):
     """Phase 1 the cached way: the frozen base once over train and val, then the head on
     those features. (Keras history, seconds spent extracting)."""
+    import keras
+
     from stages.training import compile_model, extract_features, feature_dataset, make_optimizer
 
     start = time.perf_counter()
@@ -102,10 +104,9 @@ def _phase1_on_cached_features(clf, data, params, epochs: int, batch: int):
     head = clf.feature_head()
     compile_model(head, make_optimizer(params.train, params.train.head_lr), params.train)
     history = head.fit(
-        feature_dataset(train_f, eye[data.train_labels], params.train.batch_size, True,
-                        params.train.seed),
-        validation_data=feature_dataset(val_f, eye[data.val_labels], params.train.batch_size,
-                                        False, 0),
+        feature_dataset(train_f, eye[data.train_labels], params.train.batch_size,
+                        keras.random.SeedGenerator(params.train.seed)),
+        validation_data=feature_dataset(val_f, eye[data.val_labels], params.train.batch_size),
         epochs=epochs, verbose=0)
     return history, extraction_seconds
 

@@ -53,6 +53,34 @@ def _loader(files: list[str], image_size: int, resize: str):
     return load
 
 
+def seed_of(generator) -> tf.Tensor:
+    """A SeedGenerator's current state as a stateless-op seed, read when the graph runs."""
+    return tf.cast(tf.convert_to_tensor(generator.state.value), tf.int64)
+
+
+def epoch_order(n: int, generator=None) -> tf.data.Dataset:
+    """The indices 0..n-1, shuffled by `generator`'s state as it is when an epoch's iteration
+    starts (in order when None); each epoch moves the state on by one draw.
+
+    Not `Dataset.shuffle(reshuffle_each_iteration=True)`: its per-epoch seeds live in the
+    process, so a training resumed at epoch k would replay epoch 0's order. Here the order is
+    a function of the state, which `training.EpochSeeds` sets from the epoch number.
+    """
+    if generator is None:
+        return tf.data.Dataset.range(n)
+    indices = tf.range(n, dtype=tf.int64)
+
+    def permuted(_):
+        # next(): the state moves on, so epochs differ even when nothing sets it per epoch.
+        seed = tf.cast(tf.convert_to_tensor(generator.next()), tf.int64)
+        return tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(indices, seed=seed))
+
+    ds = tf.data.Dataset.from_tensors(0).flat_map(permuted)
+    # Known length: Keras then counts steps from the start (no "ran out of data" warning).
+    return ds.apply(tf.data.experimental.assert_cardinality(n))
+
+
 def image_dataset(
     files: list[str],
     labels: np.ndarray | None,
@@ -60,18 +88,16 @@ def image_dataset(
     image_size: int,
     resize: str,
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
+    order=None,
     augmenter=None,
 ) -> tf.data.Dataset:
     """Batches of (float32 pixels 0-255, one-hot labels), or pixels alone when labels is None.
 
+    `order`: a keras SeedGenerator to shuffle by (see `epoch_order`), None for file order.
     Shuffling happens on indices (cheap) before decoding; augmentation, training only, runs
     on whole batches after decoding.
     """
-    ds = tf.data.Dataset.from_tensor_slices(np.arange(len(files), dtype=np.int64))
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = epoch_order(len(files), order)
     load = _loader(files, image_size, resize)
     if labels is not None:
         onehot = tf.one_hot(tf.constant(labels, dtype=tf.int32), num_classes)

@@ -47,12 +47,15 @@ def set_precision(precision: str) -> None:
 
 
 def make_data(params: Params, classes: list[str]):
+    import keras
+
     from stages.augment import augmenter
     from stages.inputs import image_dataset, read_manifest
-    from stages.training import Data
+    from stages.training import Data, seed_states
 
     train_files, train_labels = read_manifest("train", classes)
     val_files, val_labels = read_manifest("val", classes)
+    order = keras.random.SeedGenerator(params.train.seed)
     augmenters: dict[int, object] = {}
 
     def make_images(files, labels, shuffle, augment_seed, batch_size=None):
@@ -63,10 +66,13 @@ def make_data(params: Params, classes: list[str]):
             aug = augmenters[augment_seed]
         return image_dataset(files, labels, len(classes), params.model.image_size,
                              params.model.resize, batch_size or params.train.batch_size,
-                             shuffle=shuffle,
-                             seed=params.train.seed, augmenter=aug)
+                             order=order if shuffle else None, augmenter=aug)
 
-    return Data(train_files, train_labels, val_files, val_labels, len(classes), make_images)
+    def random_states():
+        return seed_states(order, *[a for a in augmenters.values() if a is not None])
+
+    return Data(train_files, train_labels, val_files, val_labels, len(classes), make_images,
+                random_states)
 
 
 def float32_copy(classifier, params: Params, num_classes: int):
@@ -212,16 +218,17 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
                       params.train.early_stopping_patience,
                       checkpoints / paths.BEST_WEIGHTS.name, hooks=hooks)
     timings: dict = {}
+    # The phase the saved optimizer belongs to, read now: `state` moves on to "finetune".
+    saved_phase = state.phase if resumed else None
     try:
         if state.phase == "head":
-            arrays = saved.optimizer_arrays if resumed and saved.state.phase == "head" else None
+            arrays = saved.optimizer_arrays if saved_phase == "head" else None
             run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
                            optimizer_arrays=arrays, timings=timings)
             start_finetune(classifier, tracker)
             resume.save(resume_dir, classifier.model, None, state, fp, run_id)
         if state.phase == "finetune":
-            arrays = (saved.optimizer_arrays
-                      if resumed and saved.state.phase == "finetune" else None)
+            arrays = saved.optimizer_arrays if saved_phase == "finetune" else None
             run_finetune_phase(classifier, data, params.train, tracker, optimizer_arrays=arrays)
         finish(classifier, tracker)
     except BaseException:

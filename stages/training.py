@@ -138,18 +138,72 @@ def extraction_batch(image_size: int, train_batch: int) -> int:
 
 
 def feature_dataset(features: np.ndarray, onehot: np.ndarray, batch_size: int,
-                    shuffle: bool, seed: int) -> tf.data.Dataset:
-    """Batches of (features, labels); each epoch draws one cached view per image."""
-    views = features.shape[0]
-    ds = tf.data.Dataset.from_tensor_slices((np.transpose(features, (1, 0, 2)), onehot))
-    if shuffle:
-        ds = ds.shuffle(len(onehot), seed=seed, reshuffle_each_iteration=True)
-    if views > 1:
-        # Seeded, so train.deterministic also covers which cached view each epoch draws.
-        ds = ds.map(lambda f, y: (f[tf.random.uniform((), 0, views, tf.int32, seed=seed)], y))
-    else:
-        ds = ds.map(lambda f, y: (f[0], y))
+                    order=None) -> tf.data.Dataset:
+    """Batches of (features, labels); each epoch draws one cached view per image.
+
+    `order`: a keras SeedGenerator to shuffle by (None: in order). The view drawn for an
+    image is a function of that state and the image, so it too restarts with the epoch.
+    """
+    from stages.inputs import epoch_order, seed_of
+
+    views, n = features.shape[:2]
+    by_image = tf.convert_to_tensor(np.ascontiguousarray(np.transpose(features, (1, 0, 2))))
+    labels = tf.convert_to_tensor(onehot)
+
+    def pick(i):
+        if views == 1 or order is None:
+            return by_image[i, 0], labels[i]
+        seed = seed_of(order) + tf.stack([tf.constant(1, tf.int64), i])
+        view = tf.random.stateless_uniform((), seed, 0, views, tf.int64)
+        return by_image[i, view], labels[i]
+
+    ds = epoch_order(n, order).map(pick, num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------- random streams per epoch
+
+EPOCH_STRIDE = 2**20  # draws a generator may make in one epoch (one per batch): ample
+
+
+def seed_states(*owners) -> list:
+    """The state variables of the keras SeedGenerators (or their states) given, or inside the
+    layers given; each once."""
+    states, seen = [], set()
+    for owner in owners:
+        if isinstance(owner, keras.Variable):
+            found = [owner]
+        elif isinstance(owner, keras.random.SeedGenerator):
+            found = [owner.state]
+        else:
+            found = [v for v in owner.variables if v.name == "seed_generator_state"]
+        for state in found:
+            if id(state) not in seen:
+                seen.add(id(state))
+                states.append(state)
+    return states
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """Every random stream of training (shuffle order, augmentation, dropout, cached view)
+    restarts at each epoch from (its seed, the epoch).
+
+    Keras SeedGenerators count their draws in the process, so a training resumed at epoch k
+    would replay epoch 0's draws. Keyed on the epoch, epoch k draws the same numbers whether
+    the process ran epochs 0..k-1 or resumed from their checkpoint: with
+    `train.deterministic`, a resumed training ends with the very weights of an uninterrupted
+    one.
+    """
+
+    def __init__(self, states: list):
+        super().__init__()
+        self.states = states
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for state in self.states:
+            seed = keras.ops.convert_to_numpy(state)[0]
+            state.assign(np.array([seed, epoch * EPOCH_STRIDE], dtype="int64"))
 
 
 # ---------------------------------------------------------------- the epoch tracker
@@ -235,6 +289,8 @@ class Data:
     num_classes: int
     # (files, labels, shuffle, augment_seed | None, batch_size=None) -> batches
     make_images: Callable[..., tf.data.Dataset]
+    # () -> state variables of the pipelines' SeedGenerators, for EpochSeeds
+    random_states: Callable[[], list] = list
 
 
 def _plateau(train: TrainParams) -> list[keras.callbacks.Callback]:
@@ -275,21 +331,23 @@ def run_head_phase(classifier: Classifier, data: Data, train: TrainParams, track
         if timings is not None:
             timings["feature_cache_seconds"] = round(time.perf_counter() - start, 3)
         model = classifier.feature_head()
+        order = keras.random.SeedGenerator(train.seed)
         fit_data = feature_dataset(train_feats, onehot[data.train_labels], train.batch_size,
-                                   True, train.seed)
-        val_data = feature_dataset(val_feats, onehot[data.val_labels], train.batch_size,
-                                   False, train.seed)
+                                   order)
+        val_data = feature_dataset(val_feats, onehot[data.val_labels], train.batch_size)
+        streams = seed_states(order, model)
     else:
         model = classifier.model
         fit_data = data.make_images(data.train_files, data.train_labels, True, train.seed)
         val_data = data.make_images(data.val_files, data.val_labels, False, None)
+        streams = seed_states(model, *data.random_states())
     compile_model(model, optimizer, train)
     if optimizer_arrays:
         restore_optimizer(optimizer, model.trainable_variables, optimizer_arrays)
     tracker.optimizer = optimizer
     model.fit(fit_data, validation_data=val_data, epochs=train.head_epochs,
               initial_epoch=state.epochs_done, class_weight=weights,
-              callbacks=[tracker, *_plateau(train)], verbose=2)
+              callbacks=[EpochSeeds(streams), tracker, *_plateau(train)], verbose=2)
 
 
 def start_finetune(classifier: Classifier, tracker: Tracker) -> None:
@@ -316,12 +374,14 @@ def run_finetune_phase(classifier: Classifier, data: Data, train: TrainParams,
     if optimizer_arrays:
         restore_optimizer(optimizer, classifier.model.trainable_variables, optimizer_arrays)
     tracker.optimizer = optimizer
+    fit_data = data.make_images(data.train_files, data.train_labels, True, train.seed)
     classifier.model.fit(
-        data.make_images(data.train_files, data.train_labels, True, train.seed),
+        fit_data,
         validation_data=data.make_images(data.val_files, data.val_labels, False, None),
         epochs=end, initial_epoch=state.epochs_done,
         class_weight=class_weights(data.train_labels, data.num_classes, train.class_weights),
-        callbacks=[tracker, *_plateau(train)], verbose=2)
+        callbacks=[EpochSeeds(seed_states(classifier.model, *data.random_states())),
+                   tracker, *_plateau(train)], verbose=2)
 
 
 def finish(classifier: Classifier, tracker: Tracker) -> None:
