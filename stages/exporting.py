@@ -86,6 +86,19 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     archive.write_out(str(path), verbose=False)
 
 
+def write_pixels_model(model, size: int, path: Path) -> None:
+    """A SavedModel with only the `predict_pixels` signature (what TFLite converts)."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("predict_pixels", lambda pixels: {"probabilities": model(
+        pixels, training=False)}, input_signature=[
+        tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    archive.write_out(str(path), verbose=False)
+
+
 def write_tflite(saved_model: Path, variant: str, path: Path) -> None:
     import tensorflow as tf
 
@@ -178,6 +191,26 @@ def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict
     elapsed = time.perf_counter() - start
     return {"latency_ms_batch1": round(statistics.median(latencies) * 1000, 3),
             "images_per_s": round(rounds * batch_size / elapsed, 2)}
+
+
+SERVING_VARIANT = "dynamic"  # the serving copy: 4-6x Keras on CPU, weights int8 (exporting)
+SERVING_SAMPLE = 256  # validation images the serving copy is checked on: +-1 point at 98%
+
+
+def serving_copy(model, pixels: np.ndarray, folder: Path) -> tuple[Path | None, float]:
+    """(the TFLite file to serve with, or None to serve Keras; its top-1 agreement with Keras
+    on `pixels`). The quantised copy serves only when it keeps QUANTISED_MIN_AGREEMENT."""
+    from stages.predicting import keras_predictor
+
+    size = int(model.input_shape[1])
+    write_pixels_model(model, size, folder / SAVED_MODEL)
+    path = folder / tflite_name(SERVING_VARIANT)
+    write_tflite(folder / SAVED_MODEL, SERVING_VARIANT, path)
+    keras_fn, lite = keras_predictor(model), tflite_runner(path, f"tflite_{SERVING_VARIANT}")
+    reference = np.concatenate([keras_fn(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
+    probs = np.concatenate([lite(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
+    agreement = parity(reference, probs)["top1_agreement"]
+    return (path if agreement >= QUANTISED_MIN_AGREEMENT else None), agreement
 
 
 PREDICT_ARTIFACT = "export/predict"  # in the training run: what `imgclf predict` downloads

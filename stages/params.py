@@ -108,6 +108,7 @@ class ExportParams(_Section):
 class MlflowParams(_Section):
     experiment: str = Field("imgclf", min_length=1)
     model_name: str = Field("imgclf", min_length=1)
+    serving_format: Literal["auto", "keras"] = "auto"
 
 
 class Params(_Section):

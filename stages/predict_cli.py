@@ -74,8 +74,12 @@ def load_model(spec: str, tta: bool = False, exact: bool = False):
             raise UserError(f"cannot load model {spec} from {tracking.tracking_uri()}: "
                             f"{str(err).splitlines()[0]}") from None
         inner = pyfunc.unwrap_python_model()
-        return LoadedModel(keras_predictor(inner.model, tta), inner.classes,
-                           inner.image_size, inner.resize, spec, inner.max_pixels)
+        if exact or tta or inner.format == "keras":
+            forward, label = keras_predictor(inner.model, tta), spec
+        else:
+            forward, label = inner.forward, f"{spec} ({inner.format})"
+        return LoadedModel(forward, inner.classes, inner.image_size, inner.resize, label,
+                           inner.max_pixels)
     if path.is_dir():
         from stages.exporting import load_export
 

@@ -6,7 +6,9 @@ cannot make the server read its own files. Output per image: `label`, `confidenc
 `top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
 read: one bad upload in a batch does not fail the others). A request with no readable image
 at all, or without an `image` column, is refused as a bad request (HTTP 400 when served).
-Inside: the `.keras` model, `classes.json`, and the decode and resize rules of the pipeline.
+Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline, and
+(with `mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests
+when it agreed with Keras on enough validation images.
 """
 
 from __future__ import annotations
@@ -37,17 +39,37 @@ def image_bytes(value) -> bytes:
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        import keras
+        import threading
 
-        self.model = keras.models.load_model(context.artifacts["keras_model"], safe_mode=True)
         self.classes = json.loads(Path(context.artifacts["classes"]).read_text("utf-8"))
         config = json.loads(Path(context.artifacts["config"]).read_text("utf-8"))
         self.image_size = int(config["image_size"])
         self.resize = config["resize"]
         self.max_pixels = int(config.get("max_pixels", 64_000_000))
-        from stages.predicting import keras_predictor
+        self._keras_path = context.artifacts["keras_model"]
+        self._model = None
+        # A TFLite interpreter serves one call at a time; servers may call from threads.
+        self._lock = threading.Lock()
+        if "tflite_model" in context.artifacts:
+            from stages.exporting import tflite_runner
 
-        self.forward = keras_predictor(self.model)  # compiled call: faster than predict()
+            # The quantised copy that train checked against the Keras model (serving_format).
+            self.format = config.get("format", "tflite")
+            self.forward = tflite_runner(Path(context.artifacts["tflite_model"]), self.format)
+        else:
+            from stages.predicting import keras_predictor
+
+            self.format = "keras"
+            self.forward = keras_predictor(self.model)  # compiled call: faster than predict()
+
+    @property
+    def model(self):
+        """The Keras model itself (loaded on first use when serving from TFLite)."""
+        if self._model is None:
+            import keras
+
+            self._model = keras.models.load_model(self._keras_path, safe_mode=True)
+        return self._model
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         from mlflow.exceptions import MlflowException
@@ -83,8 +105,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if good:
             for start in range(0, len(good), 32):
                 chunk = good[start:start + 32]
-                probs[chunk] = self.forward(np.stack([pixels[i] for i in chunk])
-                                            .astype(np.float32))
+                batch = np.stack([pixels[i] for i in chunk]).astype(np.float32)
+                with self._lock:
+                    probs[chunk] = self.forward(batch)
         rows = []
         for i in range(len(values)):
             if errors[i]:

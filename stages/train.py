@@ -371,6 +371,33 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tuple[dict, str]:
+    """(extra pyfunc artifacts, the format serving computes with) for mlflow.serving_format:
+    with `auto`, a dynamic-range TFLite copy when it agrees with Keras on enough validation
+    images (top-1, logged as `serving_top1_agreement`)."""
+    if params.mlflow.serving_format == "keras":
+        return {}, "keras"
+    import keras
+    import numpy as np
+
+    from stages.exporting import SERVING_SAMPLE, SERVING_VARIANT, serving_copy
+    from stages.inputs import read_classes, read_manifest
+    from stages.predicting import iter_batches
+
+    files, _ = read_manifest("val", read_classes())
+    # Evenly spaced through the manifest (sorted by class), so every class is sampled.
+    picked = sorted(set(np.linspace(0, len(files) - 1, SERVING_SAMPLE).round().astype(int)))
+    pixels = np.concatenate([p for _good, p, _bad in iter_batches(
+        [files[i] for i in picked], params.model.image_size, params.model.resize, 32)])
+    model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
+    path, agreement = serving_copy(model, pixels, folder)
+    client.log_metric(run_id, "serving_top1_agreement", agreement)
+    fmt = f"tflite_{SERVING_VARIANT}" if path else "keras"
+    print(f"train: serving with {fmt} (the TFLite copy agrees with Keras on "
+          f"{agreement:.1%} of {len(pixels)} validation images)")
+    return ({"tflite_model": str(path)} if path else {}), fmt
+
+
 def log_to_mlflow(client, run_id: str, params: Params, classes, timings) -> dict:
     import mlflow
     import pandas as pd
@@ -393,10 +420,12 @@ def log_to_mlflow(client, run_id: str, params: Params, classes, timings) -> dict
         params=ParamSchema([ParamSpec("top_k", "long", 5)]),
     )
     with tempfile.TemporaryDirectory() as tmp:
+        extra, serving_format = serving_artifacts(client, run_id, params, Path(tmp))
         config = Path(tmp) / "config.json"
         config.write_text(json.dumps({"image_size": params.model.image_size,
                                       "resize": params.model.resize,
-                                      "max_pixels": params.prepare.max_pixels}))
+                                      "max_pixels": params.prepare.max_pixels,
+                                      "format": serving_format}))
         requirements = [f"{name}=={version(name)}" for name in
                         ("tensorflow-cpu", "keras", "pillow", "numpy", "pandas", "mlflow")]
         tracking.use_fluent()
@@ -405,7 +434,7 @@ def log_to_mlflow(client, run_id: str, params: Params, classes, timings) -> dict
                 name="model",
                 python_model=str(Path(stages.__file__).parent / "pyfunc_model.py"),
                 artifacts={"keras_model": str(paths.MODEL_FILE),
-                           "classes": str(paths.CLASSES_JSON), "config": str(config)},
+                           "classes": str(paths.CLASSES_JSON), "config": str(config), **extra},
                 code_paths=[str(Path(stages.__file__).parent)],
                 signature=signature,
                 input_example=pd.DataFrame({"image": [input_example(params)]}),

@@ -150,16 +150,17 @@ def feature_dataset(features: np.ndarray, onehot: np.ndarray, batch_size: int,
     by_image = tf.convert_to_tensor(np.ascontiguousarray(np.transpose(features, (1, 0, 2))))
     labels = tf.convert_to_tensor(onehot)
 
-    def pick(i):
+    def pick(batch):  # whole batches: one gather each, not one dataset element per image
+        rows = tf.gather(by_image, batch)  # (batch, views, features)
         if views == 1 or order is None:
-            return by_image[i, 0], labels[i]
-        seed = seed_of(order) + tf.stack([tf.constant(1, tf.int64), i])
-        view = tf.random.stateless_uniform((), seed, 0, views, tf.int64)
-        return by_image[i, view], labels[i]
+            return rows[:, 0], tf.gather(labels, batch)
+        seed = seed_of(order) + tf.constant([1, 0], tf.int64)
+        drawn = tf.random.stateless_uniform([n], seed, 0, views, tf.int64)
+        return tf.gather(rows, tf.gather(drawn, batch), batch_dims=1), tf.gather(labels, batch)
 
-    ds = epoch_order(n, order).map(pick, num_parallel_calls=tf.data.AUTOTUNE,
-                                   deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = epoch_order(n, order).batch(batch_size).map(pick, num_parallel_calls=tf.data.AUTOTUNE,
+                                                     deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 # ---------------------------------------------------------------- random streams per epoch

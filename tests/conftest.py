@@ -131,6 +131,8 @@ TINY = {  # the shrunk real run every training test starts from
     "model__image_size": 75, "model__weights": None, "train__batch_size": 4,
     "train__head_epochs": 1, "train__finetune_epochs": 1, "train__head_lr": 0.01,
     "augment__preview_images": 2, "augment__preview_views": 2,
+    # The TFLite serving copy costs ~45 s per training; trained_project checks it once.
+    "mlflow__serving_format": "keras",
 }
 
 
@@ -170,7 +172,8 @@ def trained_project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
-    set_params(root, **TINY, export__tflite=["float32", "dynamic"])
+    set_params(root, **{**TINY, "mlflow__serving_format": "auto"},
+               export__tflite=["float32", "dynamic"])
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
         for module in ("stages.prepare", "stages.augment_preview", "stages.train"):

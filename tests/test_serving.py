@@ -75,3 +75,36 @@ def test_served_model_answers_images_and_refuses_garbage(trained_project):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_registered_model_serves_the_fast_copy_only_when_it_agrees(trained_project):
+    import keras
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from stages.images import load_pixels
+
+    uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(client.get_model_version("imgclf", "1").run_id)
+    agreement = run.data.metrics["serving_top1_agreement"]
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/imgclf/1")
+    inner = served.unwrap_python_model()
+    assert inner.format == ("tflite_dynamic" if agreement >= 0.98 else "keras")
+
+    # The check ran on these validation images: answers agree as often as it measured.
+    val = pd.read_csv(trained_project / "data/prepared/val.csv")
+    files = [trained_project / p for p in val["path"]]
+    out = served.predict(pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode()
+                                                 for f in files]}))
+    model = keras.models.load_model(trained_project / "models/model.keras", safe_mode=True)
+    probs = model.predict(np.stack([load_pixels(str(f), 75, "crop") for f in files])
+                          .astype("float32"), verbose=0)
+    classes = json.loads((trained_project / "data/prepared/classes.json").read_text())
+    same = np.mean([label == classes[i] for label, i in zip(out["label"], probs.argmax(1),
+                                                             strict=True)])
+    assert same == pytest.approx(agreement, abs=1e-6)
+    np.testing.assert_allclose(out["confidence"], probs.max(1), atol=0.05)
