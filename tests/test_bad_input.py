@@ -77,8 +77,13 @@ def test_bad_input_corpus_through_the_whole_pipeline(project):
     request = pd.DataFrame({"image": [base64.b64encode(v).decode() for v in uploads.values()]})
     answer = served.predict(request)
     by_name = dict(zip(uploads, answer.to_dict("records"), strict=True))
+    # With serving_format: keras (the test params) served answers are the Keras model's own.
+    keras_answers = frame.set_index("path")
     for path in corpus["valid"]:
         assert by_name[path]["error"] == "" and by_name[path]["label"] in BAD_INPUT_CLASSES
+        assert by_name[path]["label"] == keras_answers.loc[path, "label_1"]
+        assert by_name[path]["confidence"] == pytest.approx(keras_answers.loc[path, "prob_1"],
+                                                            abs=1e-5)
     for name in ("huge upload", f"data/raw/{BAD_INPUT_CLASSES[2]}/bomb.png"):
         assert by_name[name]["error"].startswith("too_large"), by_name[name]
     for name in ("garbage text", f"data/raw/{BAD_INPUT_CLASSES[0]}/notes.jpg"):
