@@ -211,7 +211,8 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
 
     def save_resume_state(row, tracker):
         resume.save(resume_dir, classifier.model, optimizer_state(tracker.optimizer),
-                    tracker.state, fp, run_id)
+                    tracker.state, fp, run_id,
+                    same_weights_as=tracker.best_weights_path if row["best"] else None)
 
     hooks = [log_epoch, save_resume_state] if role.is_chief else [save_resume_state]
     tracker = Tracker(classifier, state, params.train.monitor,
@@ -226,7 +227,9 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
             run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
                            optimizer_arrays=arrays, timings=timings)
             start_finetune(classifier, tracker)
-            resume.save(resume_dir, classifier.model, None, state, fp, run_id)
+            best = tracker.best_weights_path if state.best_epoch is not None else None
+            resume.save(resume_dir, classifier.model, None, state, fp, run_id,
+                        same_weights_as=best)  # phase 2 starts from the best weights
         if state.phase == "finetune":
             arrays = saved.optimizer_arrays if saved_phase == "finetune" else None
             run_finetune_phase(classifier, data, params.train, tracker, optimizer_arrays=arrays)
