@@ -58,7 +58,6 @@ def _tf_fit_to_square(image, size: int, mode: str):
 
 
 def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path) -> None:
-    import keras
     import tensorflow as tf
 
     class_names = tf.constant(classes)
@@ -74,20 +73,15 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
         return {"probabilities": probs, "class_name": tf.gather(class_names, top),
                 "confidence": tf.reduce_max(probs, axis=-1)}
 
-    def serve_pixels(pixels):
-        return {"probabilities": model(pixels, training=False)}
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
+    archive = _pixels_archive(model, size)
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint("predict_pixels", serve_pixels, input_signature=[
-        tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     archive.write_out(str(path), verbose=False)
 
 
-def write_pixels_model(model, size: int, path: Path) -> None:
-    """A SavedModel with only the `predict_pixels` signature (what TFLite converts)."""
+def _pixels_archive(model, size: int):
+    """An export archive of `model` with the `predict_pixels` signature (float pixels 0-255
+    in, `probabilities` out): what `write_tflite` converts and `saved_model_runner` calls."""
     import keras
     import tensorflow as tf
 
@@ -96,7 +90,12 @@ def write_pixels_model(model, size: int, path: Path) -> None:
     archive.add_endpoint("predict_pixels", lambda pixels: {"probabilities": model(
         pixels, training=False)}, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
-    archive.write_out(str(path), verbose=False)
+    return archive
+
+
+def write_pixels_model(model, size: int, path: Path) -> None:
+    """A SavedModel with only the `predict_pixels` signature (what TFLite converts)."""
+    _pixels_archive(model, size).write_out(str(path), verbose=False)
 
 
 def write_tflite(saved_model: Path, variant: str, path: Path) -> None:
