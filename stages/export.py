@@ -38,12 +38,12 @@ def collect_probs(runners: dict, files: list[str], size: int, resize: str,
     return {k: np.concatenate(v) for k, v in out.items()}, sample
 
 
-def bytes_agreement(folder: Path, files: list[str], reference: np.ndarray,
+def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
                     batch_size: int) -> float:
     """Top-1 agreement of the image-bytes signature (TF decoding) with Keras on PIL pixels."""
     from stages.exporting import saved_model_bytes_fn
 
-    fn = saved_model_bytes_fn(folder)
+    fn = saved_model_bytes_fn(saved_model)
     predicted = []
     for start in range(0, len(files), batch_size):
         blobs = [Path(f).read_bytes() for f in files[start:start + batch_size]]
@@ -52,6 +52,8 @@ def bytes_agreement(folder: Path, files: list[str], reference: np.ndarray,
 
 
 def export(params: Params, model, classes: list[str], files: list[str]) -> dict:
+    import tensorflow as tf
+
     from stages import exporting as ex
     from stages.predicting import keras_predictor
 
@@ -59,13 +61,14 @@ def export(params: Params, model, classes: list[str], files: list[str]) -> dict:
     batch = params.export.bench_batch_size
     with atomic.replaced_dir(paths.EXPORT_DIR) as staging:
         ex.write_saved_model(model, classes, size, resize, staging / ex.SAVED_MODEL)
-        for variant in params.export.tflite:
-            ex.write_tflite(staging / ex.SAVED_MODEL, variant, staging / ex.tflite_name(variant))
+        ex.write_tflite(staging / ex.SAVED_MODEL,
+                        {v: staging / ex.tflite_name(v) for v in params.export.tflite})
         (staging / ex.LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         keras_fn = keras_predictor(model)
+        saved_model = tf.saved_model.load(str(staging / ex.SAVED_MODEL))
         runners = {"keras": ex.Runner("keras", keras_fn, paths.MODEL_FILE.stat().st_size),
-                   "saved_model": ex.saved_model_runner(staging / ex.SAVED_MODEL)}
+                   "saved_model": ex.saved_model_runner(staging / ex.SAVED_MODEL, saved_model)}
         for variant in params.export.tflite:
             runners[f"tflite_{variant}"] = ex.tflite_runner(
                 staging / ex.tflite_name(variant), f"tflite_{variant}")
@@ -97,7 +100,7 @@ def export(params: Params, model, classes: list[str], files: list[str]) -> dict:
             "speedup_vs_keras_predict": round(
                 formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2),
             "bytes_signature_top1_agreement": bytes_agreement(
-                staging / ex.SAVED_MODEL, files, reference, batch),
+                saved_model, files, reference, batch),
         }
         (staging / ex.META).write_text(json.dumps(
             {"image_size": size, "resize": resize, "recommended": recommended,

@@ -38,16 +38,20 @@ def save(directory: Path, model: keras.Model, optimizer_arrays: list[np.ndarray]
     """`same_weights_as`: a weights file already holding `model`'s current weights (the best
     epoch's, just saved): linked, not written again (all 54M weights: ~2 s an epoch)."""
     with atomic.replaced_dir(directory) as staging:
-        try:
-            if same_weights_as is None:
-                raise FileNotFoundError
-            os.link(same_weights_as, staging / WEIGHTS_FILE)
-        except OSError:  # none given, or no hard links on this file system
+        if same_weights_as is None or not _linked(same_weights_as, staging / WEIGHTS_FILE):
             model.save_weights(staging / WEIGHTS_FILE)
         if optimizer_arrays:
             np.savez(staging / OPTIMIZER_FILE, *optimizer_arrays)
         meta = {"fingerprint": fp, "run_id": run_id, "state": dataclasses.asdict(state)}
         (staging / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def _linked(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links on this file system, or across two of them
+        return False
+    return True
 
 
 @dataclasses.dataclass

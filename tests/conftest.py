@@ -161,6 +161,24 @@ def _isolated_mlflow_env():
     os.environ.update(saved)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on pytest-xdist workers (`--dist loadgroup`). Every test that reads
+    the session's trained project joins one group, so one worker trains it once; that group
+    and then the slow tests go first, so the long ones do not end up last on one worker
+    while the other idles."""
+    for item in items:
+        if "trained_project" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("trained_project"))
+
+    def rank(item) -> int:
+        if "trained_project" in item.fixturenames:
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable: within a rank, the files' own order
+
+
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory) -> Path:
     """One tiny trained model for the whole session (75 px, random init, 3 classes).
@@ -169,6 +187,15 @@ def trained_project(tmp_path_factory) -> Path:
     """
     import os
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Its tests share one xdist group; a second worker building it again means the
+        # grouping broke (as with pytest 9.2): ~2 minutes lost, so say it loudly.
+        claim = tmp_path_factory.getbasetemp().parent / "trained_project.claimed"
+        try:
+            claim.open("x").close()
+        except FileExistsError:
+            pytest.fail("a second xdist worker builds trained_project: `--dist loadgroup` is "
+                        "not grouping its tests (see the pytest pin in pyproject.toml)")
     root = tmp_path_factory.mktemp("trained")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
