@@ -137,7 +137,9 @@ def saved_model_runner(path: Path, loaded=None) -> Runner:
     """`loaded`: the SavedModel at `path` if already loaded (a load takes ~7 s)."""
     import tensorflow as tf
 
-    fn = (loaded or tf.saved_model.load(str(path))).signatures["predict_pixels"]
+    if loaded is None:
+        loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures["predict_pixels"]
     return Runner("saved_model", lambda x: fn(pixels=tf.constant(x))["probabilities"].numpy(),
                   _dir_size(path))
 
