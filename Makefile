@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m stages.demo_data data/raw
+	$(BIN)/imgclf demo-data data/raw
 	@echo ">>> Offline demo: model.weights=null (random init). ImageNet weights cannot be downloaded"
 	@echo ">>> without network, so accuracy is far below a real run's. The demo settings are DVC"
 	@echo ">>> experiment overrides (-S); the committed params.yaml keeps the real defaults."

@@ -26,12 +26,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages import atomic  # noqa: E402
+from imgclf import io  # noqa: E402
 
 
 def _digits_project(root: Path, per_class: int | None, size: int = 96) -> Path:
     """A project folder with the demo digits prepared (real images, no network)."""
-    from stages.demo_data import write_digits
+    from imgclf.data.demo import write_digits
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
@@ -53,7 +53,7 @@ def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Compl
 def _params(root: Path, **overrides):
     from ruamel.yaml import YAML
 
-    from stages.params import validate
+    from imgclf.params import validate
 
     raw = YAML(typ="safe").load((root / "params.yaml").read_text())
     for dotted, value in overrides.items():
@@ -91,7 +91,12 @@ def _phase1_on_cached_features(clf, data, params, epochs: int, batch: int):
     those features. (Keras history, seconds spent extracting)."""
     import keras
 
-    from stages.training import compile_model, extract_features, feature_dataset, make_optimizer
+    from imgclf.training.phases import (
+        compile_model,
+        extract_features,
+        feature_dataset,
+        make_optimizer,
+    )
 
     start = time.perf_counter()
     extractor = clf.feature_extractor()
@@ -116,10 +121,10 @@ def frozen_way(way: str, args) -> dict:
     model to the last epoch."""
     import keras
 
-    from stages.inputs import read_classes
-    from stages.model import build_classifier, freeze_base
-    from stages.train import make_data
-    from stages.training import compile_model, extraction_batch, make_optimizer
+    from imgclf.data.manifests import read_classes
+    from imgclf.model.network import build_classifier, freeze_base
+    from imgclf.training.phases import compile_model, extraction_batch, make_optimizer
+    from imgclf.training.trainer import make_data
 
     root = Path.cwd()
     # No augmentation, so both ways see exactly the same inputs every epoch.
@@ -158,10 +163,10 @@ def frozen_way(way: str, args) -> dict:
 def bench_pipeline_headroom(work: Path, args) -> dict:
     import keras
 
-    from stages.inputs import read_classes
-    from stages.model import build_classifier, unfreeze_top
-    from stages.train import make_data
-    from stages.training import compile_model, make_optimizer
+    from imgclf.data.manifests import read_classes
+    from imgclf.model.network import build_classifier, unfreeze_top
+    from imgclf.training.phases import compile_model, make_optimizer
+    from imgclf.training.trainer import make_data
 
     root = _digits_project(work / "pipeline", args.per_class)
     os.chdir(root)
@@ -257,9 +262,9 @@ def bench_bf16(work: Path, args) -> dict:
     import keras
     import tensorflow as tf
 
-    from stages.model import build_classifier, unfreeze_top
-    from stages.params import ModelParams, TrainParams
-    from stages.training import compile_model, make_optimizer
+    from imgclf.model.network import build_classifier, unfreeze_top
+    from imgclf.params import ModelParams, TrainParams
+    from imgclf.training.phases import compile_model, make_optimizer
 
     results = {}
     x = tf.random.uniform((32, args.step_size, args.step_size, 3), 0, 255)
@@ -289,9 +294,9 @@ def _bf16_accuracy(work: Path, args) -> dict:
     trains), the base run once per image and the head trained, under each policy."""
     import keras
 
-    from stages.inputs import read_classes
-    from stages.model import build_classifier, freeze_base
-    from stages.train import make_data
+    from imgclf.data.manifests import read_classes
+    from imgclf.model.network import build_classifier, freeze_base
+    from imgclf.training.trainer import make_data
 
     root = _digits_project(work / "bf16", args.per_class)
     os.chdir(root)
@@ -323,9 +328,9 @@ def bench_xla(work: Path, args) -> dict:
     import keras
     import tensorflow as tf
 
-    from stages.model import build_classifier, unfreeze_top
-    from stages.params import ModelParams, TrainParams
-    from stages.training import compile_model, make_optimizer
+    from imgclf.model.network import build_classifier, unfreeze_top
+    from imgclf.params import ModelParams, TrainParams
+    from imgclf.training.phases import compile_model, make_optimizer
 
     x = tf.random.uniform((32, args.step_size, args.step_size, 3), 0, 255)
     y = tf.one_hot(tf.random.uniform((32,), 0, 10, tf.int32), 10)
@@ -364,9 +369,10 @@ def _tiny_repo(work: Path, per_class: int) -> Path:
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "stages", repo / "stages",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    from stages.demo_data import write_digits
+    for package in ("stages", "imgclf"):
+        shutil.copytree(ROOT / package, repo / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    from imgclf.data.demo import write_digits
 
     write_digits(repo / "data/raw", limit_per_class=per_class)
     env = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
@@ -479,7 +485,7 @@ def main() -> None:
             print(f"bench {name} ...", flush=True)
             results.update(BENCHES[name](Path(tmp), args))
             print(f"bench {name}: {time.perf_counter() - start:.0f} s", flush=True)
-            atomic.write_json(output, results)  # what is measured survives a later failure
+            io.write_json(output, results)  # what is measured survives a later failure
     print(f"\n{'measure':<34}{'value':>12}")
     for key, value in results.items():
         if not isinstance(value, dict | list):

@@ -118,8 +118,9 @@ def dvc_repo(tmp_path) -> Path:
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "stages", repo / "stages",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "imgclf"):
+        shutil.copytree(ROOT / package, repo / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     sh(["git", "init", "-q", "-b", "main"], repo)
     sh(["dvc", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)

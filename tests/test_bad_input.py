@@ -52,7 +52,7 @@ def test_bad_input_corpus_through_the_whole_pipeline(project):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
     predicted = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "predict", "data/raw", "--model",
+        [sys.executable, "-m", "imgclf.cli.main", "predict", "data/raw", "--model",
          "models/model.keras", "-o", str(out)], cwd=project, env=env, capture_output=True,
         text=True, timeout=600)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
@@ -101,7 +101,7 @@ def test_oversized_images_are_refused_from_the_header(tmp_path):
     """A 2.5-gigapixel claim is refused in milliseconds, without allocating its pixels."""
     import resource
 
-    from stages.images import ImageRejected, load_pixels
+    from imgclf.data.images import ImageRejected, load_pixels
 
     bomb = png_header_bomb(50_000, 50_000)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

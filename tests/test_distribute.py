@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import ROOT, free_ports, run_module, set_params
 
-from stages.distribute import choose, cluster_from_env
-from stages.errors import UserError
+from imgclf.errors import UserError
+from imgclf.training.distribute import choose, cluster_from_env
 
 
 def test_auto_picks_the_engine_from_the_cluster_and_the_gpus():
@@ -53,7 +53,7 @@ def test_two_workers_train_in_sync_and_only_the_chief_logs(tiny_project, tmp_pat
     import keras
     from mlflow.tracking import MlflowClient
 
-    from stages.train import weights_digest
+    from imgclf.training.trainer import weights_digest
 
     run_module("stages.augment_preview", tiny_project)
     set_params(tiny_project, train__strategy="multi_worker")

@@ -9,7 +9,7 @@ import pandas as pd
 from conftest import run_module
 from mlflow.tracking import MlflowClient
 
-from stages import metrics
+from imgclf import metrics
 
 
 def test_metrics_on_known_predictions():

@@ -7,7 +7,7 @@ import pytest
 from conftest import encode, photo, write
 from PIL import Image
 
-from stages.images import ImageRejected, decode_rgb, inspect_image
+from imgclf.data.images import ImageRejected, decode_rgb, inspect_image
 
 LIMIT = 64_000_000
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from conftest import encode, photo, write
 
-from stages.images import load_pixels
+from imgclf.data.images import load_pixels
 
 
 def imgclf(project: Path, *args: str):

@@ -9,10 +9,9 @@ import pytest
 from conftest import encode, make_class_folders, photo, run_module, set_params, write
 from PIL import Image
 
-from stages.dataset import assign_splits
-from stages.errors import UserError
-from stages.params import load_params
-from stages.prepare import prepare
+from imgclf.data.dataset import assign_splits, prepare
+from imgclf.errors import UserError
+from imgclf.params import load_params
 
 
 def run_prepare(root):

@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, make_class_folders, run_module, sh
 from ruamel.yaml import YAML
 
-from stages import paths
-from stages.params import Params, load_params
+from imgclf import paths
+from imgclf.params import Params, load_params
 
 
 @pytest.mark.parametrize(

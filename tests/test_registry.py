@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stages import registry
+from imgclf.tracking import registry
 
 
 @pytest.fixture
@@ -31,27 +31,24 @@ def store(tmp_path):
 
 def test_gate_audit_and_rollback(store):
     client, root, _ = store
-    first = registry.promote(client, "dogs", "1", "production", "test_accuracy", 0.0, False,
-                             root)
+    first = registry.promote(client, "dogs", "1", "production", "test_accuracy", 0.0, False)
     assert first.promoted and first.previous is None
-    assert registry.promote(client, "dogs", "2", "production", "test_accuracy", 0.0, False,
-                            root).promoted
+    assert registry.promote(client, "dogs", "2", "production", "test_accuracy", 0.0, False).promoted
     with pytest.raises(registry.GateFailed) as err:
-        registry.promote(client, "dogs", "3", "production", "test_accuracy", 0.0, False, root)
+        registry.promote(client, "dogs", "3", "production", "test_accuracy", 0.0, False)
     assert "0.7" in str(err.value) and "0.9" in str(err.value)
     assert str(client.get_model_version_by_alias("dogs", "production").version) == "2"
     with pytest.raises(registry.GateFailed, match="no test_accuracy"):
-        registry.promote(client, "dogs", "4", "production", "test_accuracy", 0.0, False, root)
+        registry.promote(client, "dogs", "4", "production", "test_accuracy", 0.0, False)
     audit = client.get_model_version("dogs", "2").tags
     assert audit["audit.from_version"] == "1" and audit["audit.metric"] == "test_accuracy"
     assert audit["audit.candidate_value"] == "0.9" and audit["audit.previous_value"] == "0.5"
     assert audit["audit.by"] and audit["audit.at"] and audit["audit.forced"] == "false"
 
-    forced = registry.promote(client, "dogs", "3", "production", "test_accuracy", 0.0, True,
-                              root)
+    forced = registry.promote(client, "dogs", "3", "production", "test_accuracy", 0.0, True)
     assert forced.forced
     assert client.get_model_version("dogs", "3").tags["audit.forced"] == "true"
-    back = registry.rollback(client, "dogs", "production", root)
+    back = registry.rollback(client, "dogs", "production")
     assert (back.previous, back.candidate) == ("3", "2")
     assert str(client.get_model_version_by_alias("dogs", "production").version) == "2"
     assert client.get_model_version("dogs", "2").tags["audit.action"] == "rollback"
@@ -59,13 +56,12 @@ def test_gate_audit_and_rollback(store):
 
 def test_lower_is_better_and_min_delta(store):
     client, root, _ = store
-    registry.promote(client, "dogs", "3", "staging", "test_log_loss", 0.0, False, root)
+    registry.promote(client, "dogs", "3", "staging", "test_log_loss", 0.0, False)
     with pytest.raises(registry.GateFailed):  # 1.2 is a worse loss than 0.8
-        registry.promote(client, "dogs", "1", "staging", "test_log_loss", 0.0, False, root)
+        registry.promote(client, "dogs", "1", "staging", "test_log_loss", 0.0, False)
     with pytest.raises(registry.GateFailed):  # 0.4 beats 0.8 by 0.4 < 0.5
-        registry.promote(client, "dogs", "2", "staging", "test_log_loss", 0.5, False, root)
-    assert registry.promote(client, "dogs", "2", "staging", "test_log_loss", 0.3, False,
-                            root).promoted
+        registry.promote(client, "dogs", "2", "staging", "test_log_loss", 0.5, False)
+    assert registry.promote(client, "dogs", "2", "staging", "test_log_loss", 0.3, False).promoted
 
 
 def imgclf(cwd: Path, uri: str, *args: str):

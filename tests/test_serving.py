@@ -84,7 +84,7 @@ def test_registered_model_serves_the_fast_copy_only_when_it_agrees(trained_proje
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from stages.images import load_pixels
+    from imgclf.data.images import load_pixels
 
     uri = f"sqlite:///{trained_project / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -186,7 +186,7 @@ def test_team_server_with_auth_survives_losing_the_server_mid_run(postgres, tiny
 
     # The server comes back (same database, same artifact store): relog sends the rest.
     server.start()
-    relog = _run(["stages.cli", "relog"], tiny_project, _env(server, ADMIN))
+    relog = _run(["imgclf.cli.main", "relog"], tiny_project, _env(server, ADMIN))
     assert relog.returncode == 0, relog.stderr[-3000:]
     report = json.loads((tiny_project / "reports/train.json").read_text())
     assert report["run_id"] == run_id
@@ -199,7 +199,7 @@ def test_team_server_with_auth_survives_losing_the_server_mid_run(postgres, tiny
     assert "train_history.csv" in [a.path for a in admin.list_artifacts(run_id)]
 
     # Evaluate and promote against the server; the alias resolves there.
-    for args in (["stages.evaluate"], ["stages.cli", "promote", "--latest"]):
+    for args in (["stages.evaluate"], ["imgclf.cli.main", "promote", "--latest"]):
         result = _run(args, tiny_project, _env(server, ADMIN))
         assert result.returncode == 0, f"{args}: {result.stderr[-3000:]}"
     production = admin.get_model_version_by_alias("imgclf", "production")

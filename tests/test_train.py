@@ -19,8 +19,8 @@ import pytest
 from conftest import ROOT, free_ports, run_module, set_params
 from mlflow.tracking import MlflowClient
 
-from stages.model import WEIGHTS_FILE, WEIGHTS_URL, build_classifier, unfreeze_top
-from stages.params import ModelParams, TrainParams
+from imgclf.model.network import WEIGHTS_FILE, WEIGHTS_URL, build_classifier, unfreeze_top
+from imgclf.params import ModelParams, TrainParams
 
 
 def small_model(num_classes=3, weights=None, dense_units=0):
@@ -89,10 +89,10 @@ def test_offline_imagenet_fails_fast_and_says_what_to_do(project, tmp_path):
 
 
 def test_cached_features_give_the_plain_forward_pass(tiny_project):
-    from stages.inputs import read_classes
-    from stages.params import load_params
-    from stages.train import make_data
-    from stages.training import extract_features
+    from imgclf.data.manifests import read_classes
+    from imgclf.params import load_params
+    from imgclf.training.phases import extract_features
+    from imgclf.training.trainer import make_data
 
     params = load_params()
     data = make_data(params, read_classes())
@@ -105,7 +105,7 @@ def test_cached_features_give_the_plain_forward_pass(tiny_project):
 
 
 def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
-    from stages.training import Tracker, TrackerState, finish, start_finetune
+    from imgclf.training.phases import Tracker, TrackerState, finish, start_finetune
 
     clf = small_model()
     clf.model.compile(optimizer="adam", loss="categorical_crossentropy")
@@ -163,7 +163,7 @@ def test_train_stage_logs_and_registers_in_mlflow(trained_project):
 
     # The registered model holds the very model train wrote (what it serves with, and how
     # close that is to Keras: tests/test_serving.py and tests/test_bad_input.py).
-    from stages.train import weights_digest
+    from imgclf.training.trainer import weights_digest
 
     mlflow.set_tracking_uri(uri)
     inner = mlflow.pyfunc.load_model("models:/imgclf/1").unwrap_python_model()
@@ -251,9 +251,9 @@ def test_unreachable_tracking_server_fails_before_training(tiny_project):
 
 
 def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project):
-    from stages import resume
-    from stages.params import load_params
-    from stages.tracking import data_version
+    from imgclf.params import load_params
+    from imgclf.tracking.store import data_version
+    from imgclf.training import resume
 
     # Also: a model trained in mixed precision ships in float32.
     set_params(tiny_project, train__head_epochs=2, train__finetune_epochs=0,
@@ -275,7 +275,7 @@ def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project)
 
 
 def test_cached_views_are_drawn_per_image_per_epoch():
-    from stages.training import feature_dataset
+    from imgclf.training.phases import feature_dataset
 
     views, n = 3, 40
     features = np.stack([np.full((n, 4), v, np.float32) for v in range(views)])

@@ -1,0 +1,1 @@
+"""The `imgclf` command and its subcommands."""

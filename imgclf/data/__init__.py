@@ -1,0 +1,1 @@
+"""Data: decoding rules, finding/deduplicating/splitting images, manifests, the tf.data pipeline."""

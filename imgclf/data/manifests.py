@@ -1,0 +1,44 @@
+"""What `prepare` hands every later stage: the split manifests and the class list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from imgclf import io, paths
+from imgclf.errors import UserError
+
+
+def read_classes(path: Path = paths.CLASSES_JSON) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_manifest(split: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """(paths, integer labels) of one split, labels indexed by classes.json."""
+    path = paths.manifest(split)
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    frame = pd.read_csv(path, dtype={"label": str}, keep_default_na=False)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:
+        raise UserError(f"{path} has labels missing from classes.json ({unknown[:3]}): "
+                        "rerun the prepare stage")
+    return frame["path"].tolist(), frame["label"].map(index).to_numpy(dtype=np.int32)
+
+
+MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height"]
+
+
+def write_prepared(splits: dict[str, list[dict]], classes: list[str]) -> None:
+    """data/prepared/ in one rename: the manifests of every split and classes.json."""
+    with io.replaced_dir(paths.PREPARED_DIR) as staging:
+        for name, records in splits.items():
+            io.write_csv(staging / paths.manifest(name).name,
+                         pd.DataFrame(records, columns=MANIFEST_COLUMNS))
+        io.write_json(staging / paths.CLASSES_JSON.name, classes)

@@ -1,0 +1,73 @@
+"""Held-out metrics from predicted probabilities: pure functions, no model, no disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+
+def summary_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
+    """accuracy, top5_accuracy, macro/weighted F1, log loss, n_test."""
+    num_classes = probs.shape[1]
+    classes = np.arange(num_classes)
+    predicted = probs.argmax(axis=1)
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        # With 5 classes or fewer the true class is always in the top 5.
+        "top5_accuracy": float(top_k_accuracy_score(labels, probs, k=5, labels=classes))
+        if num_classes > 5 else 1.0,
+        "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro",
+                                   zero_division=0)),
+        "weighted_f1": float(f1_score(labels, predicted, labels=classes, average="weighted",
+                                      zero_division=0)),
+        "log_loss": float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=classes)),
+        "n_test": int(len(labels)),
+    }
+
+
+def per_class_table(probs: np.ndarray, labels: np.ndarray, class_names: list[str]):
+    classes = np.arange(len(class_names))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, probs.argmax(axis=1), labels=classes, zero_division=0)
+    return pd.DataFrame({"class": class_names, "precision": precision, "recall": recall,
+                         "f1": f1, "support": support})
+
+
+def confusion(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return confusion_matrix(labels, probs.argmax(axis=1), labels=np.arange(num_classes))
+
+
+def confused_pairs(matrix: np.ndarray, class_names: list[str], top: int = 20) -> pd.DataFrame:
+    """The most frequent (actual, predicted) mistakes, with the share of the actual class."""
+    rows = []
+    support = matrix.sum(axis=1)
+    for a, p in zip(*np.nonzero(matrix), strict=True):
+        if a != p:
+            rows.append({"actual": class_names[a], "predicted": class_names[p],
+                         "count": int(matrix[a, p]),
+                         "share_of_actual": round(float(matrix[a, p] / support[a]), 4)})
+    frame = pd.DataFrame(rows, columns=["actual", "predicted", "count", "share_of_actual"])
+    return frame.sort_values(["count", "share_of_actual", "actual"],
+                             ascending=[False, False, True]).head(top).reset_index(drop=True)
+
+
+def confidently_wrong(probs: np.ndarray, labels: np.ndarray, count: int) -> list[int]:
+    """Indices of the wrong predictions with the highest confidence, most confident first."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.nonzero(predicted != labels)[0]
+    order = np.argsort(-probs[wrong, predicted[wrong]], kind="stable")
+    return [int(i) for i in wrong[order][:count]]
+
+
+def parity(reference: np.ndarray, probs: np.ndarray) -> dict:
+    """How far another format's probabilities are from the reference's: top-1 agreement and
+    the largest absolute difference."""
+    return {"top1_agreement": round(float((reference.argmax(1) == probs.argmax(1)).mean()), 6),
+            "max_abs_diff": float(np.abs(reference - probs).max()) if len(probs) else 0.0}

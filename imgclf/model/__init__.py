@@ -1,0 +1,1 @@
+"""The network: InceptionResNetV2 + head, augmentation layers, deployable formats."""

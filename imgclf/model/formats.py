@@ -1,0 +1,241 @@
+"""Deployable formats of a trained Keras model: writing them, and measuring their speed.
+
+- SavedModel (`saved_model/`): signature `serving_default` takes encoded image bytes (JPEG,
+  PNG, GIF, BMP) and returns `probabilities`, `class_name` and `confidence`, decoding and
+  resizing inside, so a client sends files, not tensors; `predict_pixels` takes float pixels
+  0-255 like the Keras model.
+- TFLite: `model_float32.tflite`, `model_dynamic.tflite` (dynamic-range int8 weights),
+  `model_float16.tflite`; all take float pixels 0-255.
+- `labels.txt` (one class per line, model output order) and `export.json` (input size,
+  resize mode, measured agreement, the format `imgclf predict` uses).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import io, paths
+from imgclf.data.images import PAD_VALUE
+from imgclf.errors import UserError
+from imgclf.metrics import parity
+from imgclf.params import Params
+from imgclf.serving.batches import iter_batches
+from imgclf.serving.runners import (
+    LABELS,
+    META,
+    SAVED_MODEL,
+    Runner,
+    in_chunks,
+    keras_predictor,
+    saved_model_bytes_fn,
+    saved_model_runner,
+    tflite_name,
+    tflite_runner,
+)
+
+QUANTISED_MIN_AGREEMENT = 0.98  # top-1 agreement with Keras for a quantised model to be used
+# SavedModel and TFLite float32 compute what Keras computes: they may differ by round-off only.
+FLOAT_TOLERANCE = 1e-4
+
+
+def _tf_fit_to_square(image, size: int, mode: str):
+    """TensorFlow twin of images.fit_to_square (bilinear, antialiased) for the byte signature."""
+    import tensorflow as tf
+
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    image = tf.cast(image, tf.float32)
+    if mode == "crop":
+        side = tf.minimum(height, width)
+        image = tf.image.crop_to_bounding_box(image, (height - side) // 2,
+                                              (width - side) // 2, side, side)
+    if mode == "pad":
+        scale = size / tf.cast(tf.maximum(height, width), tf.float32)
+        inner_h = tf.maximum(1, tf.cast(tf.round(tf.cast(height, tf.float32) * scale), tf.int32))
+        inner_w = tf.maximum(1, tf.cast(tf.round(tf.cast(width, tf.float32) * scale), tf.int32))
+        inner = tf.image.resize(image, (inner_h, inner_w), antialias=True)
+        top, left = (size - inner_h) // 2, (size - inner_w) // 2
+        padded = tf.pad(inner - PAD_VALUE[0],
+                        [[top, size - inner_h - top], [left, size - inner_w - left], [0, 0]])
+        return tf.reshape(padded + PAD_VALUE[0], (size, size, 3))
+    return tf.reshape(tf.image.resize(image, (size, size), antialias=True), (size, size, 3))
+
+
+def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path) -> None:
+    import tensorflow as tf
+
+    class_names = tf.constant(classes)
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return _tf_fit_to_square(image, size, resize)
+
+    def serve_bytes(image_bytes):
+        pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
+        probs = model(pixels, training=False)
+        top = tf.argmax(probs, axis=-1)
+        return {"probabilities": probs, "class_name": tf.gather(class_names, top),
+                "confidence": tf.reduce_max(probs, axis=-1)}
+
+    archive = _pixels_archive(model, size)
+    archive.add_endpoint("serving_default", serve_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.write_out(str(path), verbose=False)
+
+
+def _pixels_archive(model, size: int):
+    """An export archive of `model` with the `predict_pixels` signature (float pixels 0-255
+    in, `probabilities` out): what `write_tflite` converts and `saved_model_runner` calls."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("predict_pixels", lambda pixels: {"probabilities": model(
+        pixels, training=False)}, input_signature=[
+        tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    return archive
+
+
+def write_pixels_model(model, size: int, path: Path) -> None:
+    """A SavedModel with only the `predict_pixels` signature (what TFLite converts)."""
+    _pixels_archive(model, size).write_out(str(path), verbose=False)
+
+
+def write_tflite(saved_model: Path, variants: dict[str, Path]) -> None:
+    """Each TFLite variant ({variant: path}) from one converter: making a converter loads the
+    SavedModel (~7 s for InceptionResNetV2); the files are byte-identical to fresh ones'."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model),
+                                                         signature_keys=["predict_pixels"])
+    for variant, path in variants.items():
+        converter.optimizations = ([tf.lite.Optimize.DEFAULT]
+                                   if variant in ("dynamic", "float16") else [])
+        converter.target_spec.supported_types = [tf.float16] if variant == "float16" else []
+        path.write_bytes(converter.convert())
+
+
+def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
+    """Median latency at batch 1 and throughput at `batch_size`, after one warm-up call."""
+    one = pixels[:1]
+    runner(one)
+    latencies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(one)
+        latencies.append(time.perf_counter() - start)
+    batch = np.concatenate([pixels] * (-(-batch_size // len(pixels))))[:batch_size]
+    runner(batch)
+    start = time.perf_counter()
+    rounds = 3
+    for _ in range(rounds):
+        runner(batch)
+    elapsed = time.perf_counter() - start
+    return {"latency_ms_batch1": round(statistics.median(latencies) * 1000, 3),
+            "images_per_s": round(rounds * batch_size / elapsed, 2)}
+
+
+SERVING_VARIANT = "dynamic"  # the serving copy: 4-6x Keras on CPU, weights int8 (exporting)
+SERVING_SAMPLE = 256  # validation images the serving copy is checked on: +-1 point at 98%
+
+
+def serving_copy(model, pixels: np.ndarray, folder: Path) -> tuple[Path | None, float]:
+    """(the TFLite file to serve with, or None to serve Keras; its top-1 agreement with Keras
+    on `pixels`). The quantised copy serves only when it keeps QUANTISED_MIN_AGREEMENT."""
+    size = int(model.input_shape[1])
+    write_pixels_model(model, size, folder / SAVED_MODEL)
+    path = folder / tflite_name(SERVING_VARIANT)
+    write_tflite(folder / SAVED_MODEL, {SERVING_VARIANT: path})
+    keras_fn, lite = keras_predictor(model), tflite_runner(path, f"tflite_{SERVING_VARIANT}")
+    agreement = parity(in_chunks(keras_fn, pixels), in_chunks(lite, pixels))["top1_agreement"]
+    return (path if agreement >= QUANTISED_MIN_AGREEMENT else None), agreement
+
+
+def collect_probs(runners: dict, files: list[str], size: int, resize: str,
+                  batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every runner's probabilities on the same decoded test pixels, one batch at a time."""
+    out: dict[str, list] = {name: [] for name in runners}
+    sample = None
+    for _good, pixels, bad in iter_batches(files, size, resize, batch_size):
+        if bad:
+            raise UserError(f"test image {files[bad[0][0]]} cannot be read: rerun prepare")
+        if sample is None:
+            sample = pixels[:8]
+        for name, runner in runners.items():
+            out[name].append(runner(pixels))
+    return {k: np.concatenate(v) for k, v in out.items()}, sample
+
+
+def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
+                    batch_size: int) -> float:
+    """Top-1 agreement of the image-bytes signature (TF decoding) with Keras on PIL pixels."""
+    fn = saved_model_bytes_fn(saved_model)
+    predicted = []
+    for start in range(0, len(files), batch_size):
+        blobs = [Path(f).read_bytes() for f in files[start:start + batch_size]]
+        predicted.append(fn(blobs)["probabilities"].numpy().argmax(1))
+    return round(float((np.concatenate(predicted) == reference.argmax(1)).mean()), 6)
+
+
+def export_all(params: Params, model, classes: list[str], files: list[str]) -> dict:
+    """models/export/ in one rename: every format, checked against the Keras model on the
+    test files, with its size and speed; returns the report."""
+    import tensorflow as tf
+
+    size, resize = params.model.image_size, params.model.resize
+    batch = params.export.bench_batch_size
+    with io.replaced_dir(paths.EXPORT_DIR) as staging:
+        write_saved_model(model, classes, size, resize, staging / SAVED_MODEL)
+        write_tflite(staging / SAVED_MODEL,
+                     {v: staging / tflite_name(v) for v in params.export.tflite})
+        (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
+
+        keras_fn = keras_predictor(model)
+        saved_model = tf.saved_model.load(str(staging / SAVED_MODEL))
+        runners = {"keras": Runner("keras", keras_fn, paths.MODEL_FILE.stat().st_size),
+                   "saved_model": saved_model_runner(staging / SAVED_MODEL, saved_model)}
+        for variant in params.export.tflite:
+            runners[f"tflite_{variant}"] = tflite_runner(
+                staging / tflite_name(variant), f"tflite_{variant}")
+        probs, sample = collect_probs(runners, files, size, resize, batch)
+        reference = probs["keras"]
+        formats: dict[str, dict] = {}
+        keras_predict = Runner("keras_predict",
+                               lambda x: model.predict(x, batch_size=len(x), verbose=0), 0)
+        baseline = speed(keras_predict, sample, batch)
+        formats["keras"] = {"size_mb": round(runners["keras"].size_bytes / 1e6, 2),
+                            **baseline, "top1_agreement": 1.0, "max_abs_diff": 0.0}
+        for name, runner in runners.items():
+            if name == "keras":
+                continue
+            formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2),
+                             **speed(runner, sample, batch), **parity(reference, probs[name])}
+        exact = ["saved_model"] + (["tflite_float32"] if "tflite_float32" in formats else [])
+        broken = [n for n in exact if formats[n]["top1_agreement"] < 1.0
+                  or formats[n]["max_abs_diff"] > FLOAT_TOLERANCE]
+        if broken:
+            raise RuntimeError(f"export parity failed for {broken}: "
+                               f"{ {n: formats[n] for n in broken} }")
+        usable = exact + [n for n in formats if n.startswith("tflite_") and n not in exact
+                          and formats[n]["top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
+        recommended = max(usable, key=lambda n: formats[n]["images_per_s"])
+        report = {
+            "n_test": len(files), "image_size": size, "resize": resize, "batch_size": batch,
+            "formats": formats, "recommended": recommended,
+            "speedup_vs_keras_predict": round(
+                formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2),
+            "bytes_signature_top1_agreement": bytes_agreement(
+                saved_model, files, reference, batch),
+        }
+        (staging / META).write_text(json.dumps(
+            {"image_size": size, "resize": resize, "recommended": recommended,
+             "max_pixels": params.prepare.max_pixels,
+             "formats": {n: {"top1_agreement": f["top1_agreement"]}
+                         for n, f in formats.items()}}, indent=2), encoding="utf-8")
+    return report

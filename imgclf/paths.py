@@ -1,0 +1,34 @@
+"""Where stages read and write. dvc.yaml names the same paths (tests check they agree)."""
+
+from pathlib import Path
+
+PREPARED_DIR = Path("data/prepared")
+CLASSES_JSON = PREPARED_DIR / "classes.json"
+REPORTS_DIR = Path("reports")
+PREPARE_REPORT = REPORTS_DIR / "prepare.json"
+SPLITS = ("train", "val", "test")
+
+
+def manifest(split: str) -> Path:
+    return PREPARED_DIR / f"{split}.csv"
+
+
+AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
+MODELS_DIR = Path("models")
+MODEL_FILE = MODELS_DIR / "model.keras"
+CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
+BEST_WEIGHTS = CHECKPOINTS_DIR / "best.weights.h5"
+RESUME_DIR = CHECKPOINTS_DIR / "last"
+# Written only when the tracking server went away: what `imgclf relog` still has to send.
+MLFLOW_PENDING = MODELS_DIR / "mlflow_pending.json"
+TRAIN_REPORT = REPORTS_DIR / "train.json"
+TRAIN_METRICS = REPORTS_DIR / "train_metrics.json"
+TRAIN_HISTORY = REPORTS_DIR / "plots" / "train_history.csv"
+TRAIN_CURVES = REPORTS_DIR / "train_curves.png"
+METRICS = REPORTS_DIR / "metrics.json"
+PER_CLASS = REPORTS_DIR / "per_class.csv"
+CONFUSED_PAIRS = REPORTS_DIR / "confused_pairs.csv"
+CONFUSION_CSV = REPORTS_DIR / "plots" / "confusion.csv"
+EVAL_FIGURES = REPORTS_DIR / "figures"
+EXPORT_DIR = MODELS_DIR / "export"
+EXPORT_REPORT = REPORTS_DIR / "export.json"

@@ -1,0 +1,87 @@
+"""Batched prediction over image files, shared by evaluate and `imgclf predict`.
+
+Files are decoded with the pipeline's rules in a thread pool (Pillow releases the GIL while
+decoding), a batch at a time, so memory holds one batch of pixels however many files there
+are. A file that cannot be read is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    is_ignored,
+    is_image_name,
+    load_pixels,
+)
+from imgclf.serving.runners import LoadedModel
+
+
+def _decode(path: str, size: int, resize: str, max_pixels: int):
+    try:
+        return load_pixels(path, size, resize, max_pixels), None
+    except ImageRejected as err:
+        return None, str(err)
+    except OSError as err:
+        return None, f"unreadable: {err.strerror or err}"
+
+
+def iter_batches(files: list[str], size: int, resize: str, batch_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
+                 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """(indices of good files, their pixels, [(index, reason) of bad files]) per batch."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            decoded = list(pool.map(lambda f: _decode(f, size, resize, max_pixels), chunk))
+            good = [start + i for i, (px, _) in enumerate(decoded) if px is not None]
+            bad = [(start + i, err) for i, (px, err) in enumerate(decoded) if px is None]
+            pixels = np.stack([decoded[i - start][0] for i in good]).astype(np.float32) \
+                if good else np.zeros((0, size, size, 3), np.float32)
+            yield good, pixels, bad
+
+
+def predict_files(model: LoadedModel, files: list[str], batch_size: int = 32,
+                  on_batch: Callable[[int], object] | None = None,
+                  ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Probabilities for every readable file: (probs, their indices in files, failures).
+    `on_batch(n)` hears of every n files done (a progress bar's update)."""
+    all_probs, all_good, all_bad = [], [], []
+    for good, pixels, bad in iter_batches(files, model.image_size, model.resize,
+                                          batch_size, model.max_pixels):
+        if good:
+            all_probs.append(model.predict(pixels))
+            all_good += good
+        all_bad += bad
+        if on_batch is not None:
+            on_batch(len(good) + len(bad))
+    probs = (np.concatenate(all_probs) if all_probs
+             else np.zeros((0, len(model.classes)), np.float32))
+    return probs, all_good, all_bad
+
+
+def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Files from paths and folders (recursed, sorted); (files, paths that do not exist).
+
+    Hidden files and folders are skipped only *below* each folder given: the folder itself
+    may be `../photos` or lie under `~/.cache`, as users type it.
+    """
+    files, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*")
+                            if p.is_file() and not is_ignored(p) and is_image_name(p)
+                            and not any(part.startswith(".")
+                                        for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            missing.append(item)
+    return files, missing

@@ -1,0 +1,125 @@
+"""The registered model: an MLflow pyfunc that takes image files, not tensors.
+
+Input: a DataFrame with a column `image` whose values are base64-encoded file bytes (what
+JSON clients send) or raw bytes; never file paths, so that a client of the served model
+cannot make the server read its own files. Output per image: `label`, `confidence`,
+`top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
+read: one bad upload in a batch does not fail the others). A request with no readable image
+at all, or without an `image` column, is refused as a bad request (HTTP 400 when served).
+Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline, and
+(with `mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests
+when it agreed with Keras on enough validation images.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
+from imgclf.serving.runners import in_chunks
+
+
+def image_bytes(value) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ImageRejected("bad_input", f"expected base64 text or bytes, got "
+                                         f"{type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageRejected("bad_input", "not base64-encoded image bytes") from None
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import threading
+
+        self.classes = json.loads(Path(context.artifacts["classes"]).read_text("utf-8"))
+        config = json.loads(Path(context.artifacts["config"]).read_text("utf-8"))
+        self.image_size = int(config["image_size"])
+        self.resize = config["resize"]
+        self.max_pixels = int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self._keras_path = context.artifacts["keras_model"]
+        self._model = None
+        # A TFLite interpreter serves one call at a time; servers may call from threads.
+        self._lock = threading.Lock()
+        if "tflite_model" in context.artifacts:
+            from imgclf.serving.runners import tflite_runner
+
+            # The quantised copy that train checked against the Keras model (serving_format).
+            self.format = config.get("format", "tflite")
+            self.forward = tflite_runner(Path(context.artifacts["tflite_model"]), self.format)
+        else:
+            from imgclf.serving.runners import keras_predictor
+
+            self.format = "keras"
+            self.forward = keras_predictor(self.model)  # compiled call: faster than predict()
+
+    @property
+    def model(self):
+        """The Keras model itself (loaded on first use when serving from TFLite)."""
+        if self._model is None:
+            import keras
+
+            self._model = keras.models.load_model(self._keras_path, safe_mode=True)
+        return self._model
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        # A client's mistake must come back as HTTP 400 with a message (MlflowException with
+        # INVALID_PARAMETER_VALUE), not as a 500 with a traceback.
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise MlflowException("the request needs a column 'image' holding base64-encoded "
+                                  "image file bytes", error_code=INVALID_PARAMETER_VALUE)
+        top_k = int((params or {}).get("top_k", 5))
+        if top_k < 1:
+            raise MlflowException(f"top_k = {top_k}: must be >= 1",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        values = model_input["image"].tolist()
+        pixels, errors = [], []
+        for value in values:
+            try:
+                pixels.append(load_pixels(image_bytes(value), self.image_size, self.resize,
+                                          self.max_pixels))
+                errors.append("")
+            except ImageRejected as err:
+                pixels.append(None)
+                errors.append(str(err))
+        good = [i for i, p in enumerate(pixels) if p is not None]
+        if values and not good:
+            # Nothing usable at all: a bad request. Mixed batches answer per image instead,
+            # so one broken upload does not cost the others their predictions.
+            detail = "; ".join(f"image {i}: {e}" for i, e in enumerate(errors[:5]))
+            raise MlflowException(f"no readable image in the request ({detail})",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        probs = np.zeros((len(values), len(self.classes)), dtype=np.float32)
+        if good:
+            batch = np.stack([pixels[i] for i in good]).astype(np.float32)
+            with self._lock:
+                probs[good] = in_chunks(self.forward, batch)
+        rows = []
+        for i in range(len(values)):
+            if errors[i]:
+                rows.append({"label": None, "confidence": None, "top_k": "[]",
+                             "error": errors[i]})
+                continue
+            order = np.argsort(-probs[i])[:top_k]
+            rows.append({
+                "label": self.classes[order[0]],
+                "confidence": float(probs[i, order[0]]),
+                "top_k": json.dumps([{"label": self.classes[j],
+                                      "probability": round(float(probs[i, j]), 6)}
+                                     for j in order], ensure_ascii=False),
+                "error": "",
+            })
+        return pd.DataFrame(rows, columns=["label", "confidence", "top_k", "error"])

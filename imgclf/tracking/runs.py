@@ -1,0 +1,149 @@
+"""The training run in MLflow: opened (or resumed, or adopted from `mlflow run`), fed epoch by
+epoch, and given the evaluate and export stages' results afterwards.
+
+Every stage logs into the one run that `train` opened; `reports/train.json` names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from imgclf.params import Params
+from imgclf.tracking import store
+from imgclf.tracking.store import TRACKING_ERRORS
+
+# Set by `mlflow run` for its entry point: the run it opened, which the training adopts.
+MLFLOW_RUN_ID = "MLFLOW_RUN_ID"
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def epoch_metrics(row: dict) -> dict[str, float]:
+    """The numbers of one history row that are metrics (not timings, not NaN)."""
+    return {k: v for k, v in row.items()
+            if isinstance(v, float) and k not in ("epoch_seconds",) and v == v}
+
+
+def _log_params(client, run_id: str, params: Params) -> None:
+    flat = params.flat()
+    items = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flat.items()]
+    for start in range(0, len(items), 100):  # the REST API's batch limit for params
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def start_or_resume(client, params: Params, saved_run_id: str | None) -> tuple[str, bool]:
+    """(run_id, resumed). A resumed training continues in its own MLflow run; under
+    `mlflow run` a new training logs into the run it opened (MLFLOW_RUN_ID)."""
+    if saved_run_id:
+        try:
+            client.get_run(saved_run_id)
+            client.update_run(saved_run_id, status="RUNNING")
+            return saved_run_id, True
+        except MlflowException:
+            pass
+    commit, dirty = store.git_state()
+    adopted = os.environ.get(MLFLOW_RUN_ID)
+    if adopted:
+        try:
+            client.get_run(adopted)
+        except MlflowException:
+            adopted = None
+    if adopted:
+        run_id = adopted
+        for key, value in store.run_tags(commit, dirty).items():
+            client.set_tag(run_id, key, value)
+    else:
+        experiment_id = store.ensure_experiment(client, params.mlflow.experiment)
+        run_id = client.create_run(experiment_id, run_name=store.run_name(commit),
+                                   tags=store.run_tags(commit, dirty)).info.run_id
+    _log_params(client, run_id, params)
+    return run_id, False
+
+
+def mark_killed(client, run_id: str) -> None:
+    """The run ends as KILLED when training dies; a lost server must not hide the first error."""
+    with contextlib.suppress(*TRACKING_ERRORS):
+        client.set_terminated(run_id, status="KILLED")
+
+
+class EpochLog:
+    """Per-epoch metrics to the MLflow run. A tracking server lost mid-run stops the logging,
+    never the training: the epochs not sent stay in the history for `publish` to send."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.first_unsent: int | None = None
+
+    def __call__(self, row: dict, tracker=None) -> None:
+        if self.first_unsent is not None:
+            return
+        try:
+            self.send([row])
+        except TRACKING_ERRORS as err:
+            self.first_unsent = row["epoch"]
+            print(f"warning: MLflow tracking server lost at epoch {row['epoch']} "
+                  f"({first_line(err)}); training goes on and keeps everything on disk",
+                  file=sys.stderr)
+
+    def send(self, rows: list[dict]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, r["epoch"]) for r in rows
+                   for k, v in epoch_metrics(r).items()]
+        for start in range(0, len(metrics), 1000):  # the REST API's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+
+def log_evaluation(client, train_report: dict, summary: dict, artifacts: list[Path]) -> None:
+    """Test metrics as `test_*` on the training run and as tags on its model version (the
+    promotion gate reads those)."""
+    run_id = train_report["run_id"]
+    for key, value in summary.items():
+        client.log_metric(run_id, f"test_{key}", float(value))
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    name, version = train_report.get("registered_model"), train_report.get("model_version")
+    if name and version:
+        for key, value in summary.items():
+            client.set_model_version_tag(name, str(version), f"test_{key}", str(value))
+
+
+def log_export(client, run_id: str, report_path: Path, predict_files: list[Path],
+               formats: dict[str, dict]) -> None:
+    """The export report, each format's figures, and the files `imgclf predict` downloads
+    from the registry (the fastest format that keeps the agreement gate)."""
+    from imgclf.serving.runners import PREDICT_ARTIFACT
+
+    client.log_artifact(run_id, str(report_path), artifact_path="export")
+    for path in predict_files:
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), f"{PREDICT_ARTIFACT}/{path.name}")
+        else:
+            client.log_artifact(run_id, str(path), artifact_path=PREDICT_ARTIFACT)
+    for name, fmt in formats.items():
+        for key in ("images_per_s", "latency_ms_batch1", "size_mb", "top1_agreement"):
+            client.log_metric(run_id, f"export_{name}_{key}", float(fmt[key]))
+
+
+def log_to_entry_run(tags: dict[str, str], artifacts: list[Path] = ()) -> str | None:
+    """Under `mlflow run` (MLFLOW_RUN_ID set), what a CLI entry point did goes into the run it
+    opened, so that run is not left empty; elsewhere nothing. Returns the run id used."""
+    run_id = os.environ.get(MLFLOW_RUN_ID)
+    if not run_id:
+        return None
+    client = store.make_client()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    return run_id

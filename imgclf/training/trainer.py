@@ -1,0 +1,248 @@
+"""One training from start to shipped model: data, network, both phases (resuming where a
+killed run stopped), the model file and the reports; MLflow through `imgclf.tracking`.
+
+Under a multi-worker strategy every worker calls `train_and_track`; only the chief
+(`role.is_chief`) gets a tracking client, writes the stage's outputs and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from imgclf import io, paths
+from imgclf.errors import UserError
+from imgclf.params import Params
+
+
+def keras_setup(params: Params) -> None:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(params.train.seed)
+    if params.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    set_precision(params.train.precision)
+
+
+def set_precision(precision: str) -> None:
+    """Keras mixed precision; float16 only where it is fast and supported: NVIDIA GPUs."""
+    import keras
+    import tensorflow as tf
+
+    if precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        raise UserError("train.precision = 'mixed_float16' needs a GPU (none found): use "
+                        "float32, or mixed_bfloat16 on CPUs with AVX-512 BF16")
+    keras.mixed_precision.set_global_policy(precision)
+
+
+def make_data(params: Params, classes: list[str]):
+    import keras
+
+    from imgclf.data.manifests import read_manifest
+    from imgclf.data.pipeline import image_dataset
+    from imgclf.model.augmentation import augmenter
+    from imgclf.training.phases import Data, seed_states
+
+    train_files, train_labels = read_manifest("train", classes)
+    val_files, val_labels = read_manifest("val", classes)
+    order = keras.random.SeedGenerator(params.train.seed)
+    augmenters: dict[int, object] = {}
+
+    def make_images(files, labels, shuffle, augment_seed, batch_size=None):
+        aug = None
+        if augment_seed is not None:
+            if augment_seed not in augmenters:
+                augmenters[augment_seed] = augmenter(params.augment, augment_seed)
+            aug = augmenters[augment_seed]
+        return image_dataset(files, labels, len(classes), params.model.image_size,
+                             params.model.resize, batch_size or params.train.batch_size,
+                             order=order if shuffle else None, augmenter=aug)
+
+    def random_states():
+        return seed_states(order, *[a for a in augmenters.values() if a is not None])
+
+    return Data(train_files, train_labels, val_files, val_labels, len(classes), make_images,
+                random_states)
+
+
+def float32_copy(classifier, params: Params, num_classes: int):
+    """The trained model rebuilt under the float32 policy, holding the same weights (mixed
+    precision keeps its variables in float32 already). Mixed precision is a training
+    speed-up; the model that ships computes in float32, so evaluation, export and serving
+    give the same answers on every machine, bf16 hardware or not."""
+    import keras
+
+    from imgclf.model.network import build_classifier
+
+    keras.mixed_precision.set_global_policy("float32")
+    shipped = build_classifier(params.model, num_classes, None, seed=params.train.seed)
+    shipped.model.set_weights(classifier.model.get_weights())
+    return shipped
+
+
+def worker_dir(role, fp: str) -> Path:
+    """A non-chief worker's own checkpoint folder: outside the project (only the chief writes
+    there), and stable across restarts so that a restarted worker resumes with the chief."""
+    return Path(tempfile.gettempdir()) / f"imgclf-worker{role.index}-{fp}"
+
+
+def weights_digest(model) -> str:
+    """A short hash of every weight: replicas that trained in sync print the same one."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_reports(params: Params, state, timings: dict) -> dict:
+    """The stage's history, curves and best-epoch metrics; returns what train.json adds."""
+    import pandas as pd
+
+    from imgclf.plots import training_curves
+    from imgclf.tracking.runs import epoch_metrics
+
+    io.write_csv(paths.TRAIN_HISTORY, pd.DataFrame(state.history))
+    io.write_bytes(paths.TRAIN_CURVES, training_curves(state.history))
+    best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+    metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epochs_done,
+               **({k: round(v, 6) for k, v in epoch_metrics(best).items()} if best else {})}
+    metrics.pop("learning_rate", None)
+    io.write_json(paths.TRAIN_METRICS, metrics)
+    return {"best_epoch": state.best_epoch, "monitor": params.train.monitor,
+            "best_value": state.best, "epochs_run": state.epochs_done,
+            "head_epochs_run": state.head_epochs_run,
+            "epoch_seconds": [r["epoch_seconds"] for r in state.history], **timings}
+
+
+def train_and_track(params: Params, client, weights: str | None, strategy=None,
+                    role=None) -> dict:
+    """Build, train both phases (resuming if possible), write outputs, log to MLflow."""
+    import tensorflow as tf
+
+    from imgclf.training.distribute import Role
+
+    strategy = strategy or tf.distribute.get_strategy()
+    role = role or Role("none")
+    with contextlib.ExitStack() as strategy_scope:
+        strategy_scope.enter_context(strategy.scope())
+        return _train(params, client, weights, role, strategy_scope)
+
+
+def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
+    """The resume state of this configuration with its weights loaded, or None."""
+    from imgclf.training import resume
+
+    saved = resume.load(resume_dir, fp) if enabled else None
+    if saved is None:
+        return None
+    try:
+        classifier.model.load_weights(saved.weights)
+    except (OSError, ValueError, KeyError) as err:
+        # A checkpoint damaged on disk (the state itself is written atomically): the epochs
+        # are lost, the run is not; start clean rather than train on garbage.
+        print(f"warning: resume checkpoint {saved.weights} is unreadable ({err}); "
+              "training starts from scratch", file=sys.stderr)
+        return None
+    return saved
+
+
+def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp: str,
+         run_id: str | None, timings: dict) -> None:
+    """Both phases from wherever `tracker.state` stands."""
+    from imgclf.training import resume
+    from imgclf.training.phases import (
+        finish,
+        run_finetune_phase,
+        run_head_phase,
+        start_finetune,
+    )
+
+    state = tracker.state
+    # The phase the saved optimizer belongs to, read now: `state` moves on to "finetune".
+    saved_phase = state.phase if saved is not None else None
+    if state.phase == "head":
+        arrays = saved.optimizer_arrays if saved_phase == "head" else None
+        run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
+                       optimizer_arrays=arrays, timings=timings)
+        start_finetune(classifier, tracker)
+        best = tracker.best_weights_path if state.best_epoch is not None else None
+        resume.save(resume_dir, classifier.model, None, state, fp, run_id,
+                    same_weights_as=best)  # phase 2 starts from the best weights
+    if state.phase == "finetune":
+        arrays = saved.optimizer_arrays if saved_phase == "finetune" else None
+        run_finetune_phase(classifier, data, params.train, tracker, optimizer_arrays=arrays)
+    finish(classifier, tracker)
+
+
+def _train(params: Params, client, weights: str | None, role, strategy_scope) -> dict:
+    from imgclf.data.manifests import read_classes
+    from imgclf.model.network import build_classifier
+    from imgclf.tracking import runs, store
+    from imgclf.tracking.publish import publish
+    from imgclf.training import resume
+    from imgclf.training.phases import Tracker, TrackerState, optimizer_state
+
+    keras_setup(params)
+    classes = read_classes()
+    data = make_data(params, classes)
+    classifier = build_classifier(params.model, len(classes), weights, seed=params.train.seed)
+    fp = resume.fingerprint(params.flat(), store.data_version())
+    checkpoints = paths.CHECKPOINTS_DIR if role.is_chief else worker_dir(role, fp)
+    resume_dir = checkpoints / paths.RESUME_DIR.name
+    saved = _load_saved(classifier, resume_dir, fp, params.train.resume)
+    if role.is_chief:
+        run_id, resumed = runs.start_or_resume(client, params, saved and saved.run_id)
+    else:
+        run_id, resumed = None, saved is not None
+    saved = saved if resumed else None
+    state = saved.state if saved else TrackerState()
+    if saved:
+        print(f"train: resuming MLflow run {run_id} after epoch {state.epochs_done} "
+              f"({state.phase} phase)")
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    log_epoch = runs.EpochLog(client, run_id)
+
+    def save_resume_state(row, tracker):
+        resume.save(resume_dir, classifier.model, optimizer_state(tracker.optimizer),
+                    tracker.state, fp, run_id,
+                    same_weights_as=tracker.best_weights_path if row["best"] else None)
+
+    hooks = [log_epoch, save_resume_state] if role.is_chief else [save_resume_state]
+    tracker = Tracker(classifier, state, params.train.monitor,
+                      params.train.early_stopping_patience,
+                      checkpoints / paths.BEST_WEIGHTS.name, hooks=hooks)
+    timings: dict = {}
+    try:
+        _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_id, timings)
+    except BaseException:
+        if role.is_chief:
+            runs.mark_killed(client, run_id)
+        raise
+    # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
+    # variable created now would wait forever for workers that have already finished.
+    strategy_scope.close()
+    if params.train.precision != "float32":
+        classifier = float32_copy(classifier, params, len(classes))
+    digest = weights_digest(classifier.model)
+    print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
+    if not role.is_chief:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return {"weights_digest": digest, "worker": role.index}
+    with io.replacing(paths.MODEL_FILE) as tmp:
+        classifier.model.save(tmp)
+    outputs = write_reports(params, state, timings)
+    outputs.update(strategy=role.strategy_name, workers=role.num_workers, weights_digest=digest)
+    # Everything MLflow still has to receive, on disk before the first call that could fail:
+    # a server lost now (or a kill) costs a `relog`, never the training.
+    pending = {"run_id": run_id, "fingerprint": fp, "first_unsent_epoch": log_epoch.first_unsent,
+               "history": state.history, "timings": timings, "outputs": outputs}
+    io.write_json(paths.MLFLOW_PENDING, pending)
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    return publish(client, params, pending)
