@@ -116,7 +116,8 @@ def dvc_repo(tmp_path) -> Path:
     """A fresh git + DVC repository holding a copy of the project (code, dvc.yaml, params)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "MLproject",
+                 "python_env.yaml"):
         shutil.copy(ROOT / name, repo / name)
     for package in ("stages", "imgclf"):
         shutil.copytree(ROOT / package, repo / package,

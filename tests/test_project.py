@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,70 @@ def test_dvc_yaml_is_valid_and_every_stage_has_its_module():
     for name, stage in stages.items():
         assert stage["cmd"] == f"python -m stages.{name}"
         assert f"stages/{name}.py" in stage["deps"]
+
+
+def _imgclf_modules(module: str, seen: set[str] | None = None) -> set[str]:
+    """Every imgclf module `module` can import, at the top or inside a function, followed
+    through the modules it reaches."""
+    import ast
+
+    seen = set() if seen is None else seen
+    path = ROOT / Path(*module.split("."))
+    source = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    if module in seen or not source.is_file():
+        return seen
+    seen.add(module)
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+        _imgclf_modules(".".join(parts[:i]), seen)
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] == "imgclf":
+                _imgclf_modules(name, seen)
+    return seen
+
+
+def test_each_stage_depends_on_every_library_module_it_imports():
+    # A module a stage imports but dvc.yaml does not cover is a silent missing dependency:
+    # changing it would not rerun the stage.
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        deps = [d for d in stage["deps"] if d.startswith("imgclf")]
+        modules = _imgclf_modules(f"stages.{name}") - {f"stages.{name}"}
+        assert modules, name
+        for module in modules:
+            rel = Path(*module.split("."))
+            file = rel / "__init__.py" if (ROOT / rel).is_dir() else rel.with_suffix(".py")
+            covered = [d for d in deps if file.as_posix() == d
+                       or file.as_posix().startswith(d.rstrip("/") + "/")]
+            assert covered, f"dvc.yaml: stage {name} imports {module} ({file}) but no dep covers it"
+
+
+def test_stage_scripts_are_only_the_five_stages_and_the_library_is_a_package():
+    assert sorted(p.name for p in (ROOT / "stages").glob("*.py")) == [
+        "augment_preview.py", "evaluate.py", "export.py", "prepare.py", "train.py"]
+    for script in (ROOT / "stages").glob("*.py"):
+        assert len(script.read_text().splitlines()) <= 60, f"{script.name} is not thin"
+    # MLflow is imported under tracking/ (and serving/'s pyfunc) only.
+    for path in (ROOT / "imgclf").rglob("*.py"):
+        rel = path.relative_to(ROOT / "imgclf").as_posix()
+        if rel.startswith(("tracking/", "serving/")):
+            continue
+        text = path.read_text()
+        assert "import mlflow" not in text and "from mlflow" not in text, rel
+
+
+def test_tensorflow_start_up_lines_do_not_reach_the_user():
+    code = "import imgclf, tensorflow, sys; print('ready', file=sys.stderr)"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "ready", quiet.stderr
+    # What it hides is real: asked for everything, TensorFlow's lines are there.
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert "oneDNN" in loud.stderr or "absl::InitializeLog" in loud.stderr

@@ -1,7 +1,8 @@
 """The README walkthrough, end to end, in a temporary git + DVC repository.
 
-Photos -> dvc add -> dvc repro -> two experiments (one in a temporary copy) -> compare ->
-promote the better -> a promote of the worse refused -> rollback -> predict from @production.
+Photos -> dvc add -> dvc repro -> two experiments (one through `mlflow run -e train`, one
+in a temporary copy) -> compare -> promote the better -> a promote of the worse refused ->
+rollback -> predict from @production (through `mlflow run -e predict`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def test_readme_walkthrough(dvc_repo):
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "baseline"], repo)
 
-    # Two experiments; the second in a temporary copy under .dvc/tmp/exps/, which must still
-    # log to the repository's own MLflow store.
-    sh(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.head_lr=0.05", "evaluate"], repo)
+    # Two experiments. The first through the MLproject's train entry point, which logs into
+    # the run `mlflow run` opens (no empty wrapper run); the second in a temporary copy under
+    # .dvc/tmp/exps/, which must still log to the repository's own MLflow store.
+    mlflow_run = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "imgclf"]
+    sh([*mlflow_run, "-e", "train", "--run-name", "lr-high", "-P", "head_lr=0.05",
+        "-P", "image_size=75", "-P", "weights=null", "-P", "batch_size=4",
+        "-P", "head_epochs=1", "-P", "finetune_epochs=0"], repo)
     sh(["dvc", "exp", "run", "--temp", "-n", "lr-low", "-S", "train.head_lr=0.001",
         "evaluate"], repo)
     table = json.dumps(json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout))
-    assert "lr-high" in table and "lr-low" in table
+    assert "0.05" in table and "lr-low" in table
     assert sh(["dvc", "metrics", "diff", "HEAD"], repo).returncode == 0
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
@@ -60,6 +65,9 @@ def test_readme_walkthrough(dvc_repo):
     by_name = {run.info.run_name: run for run in runs}
     assert {"lr-high", "lr-low"} <= set(by_name) and len(runs) == 3
     assert by_name["lr-low"].data.params["train.head_lr"] == "0.001"
+    assert by_name["lr-high"].data.params["train.head_lr"] == "0.05"
+    assert by_name["lr-high"].data.tags["mlflow.project.entryPoint"] == "train"
+    assert "test_accuracy" in by_name["lr-high"].data.metrics
     assert "test_accuracy" in by_name["lr-low"].data.metrics  # evaluate ran in the temp copy
 
     versions = {v.run_id: str(v.version) for v in client.search_model_versions("name='imgclf'")}
@@ -87,3 +95,18 @@ def test_readme_walkthrough(dvc_repo):
     imgclf("predict", "data/raw/fox", "--output", str(out))  # default: @production
     frame = pd.read_csv(out)
     assert len(frame) == 7 and set(frame["label_1"]) <= {"cat", "dog", "fox"}
+
+    # The entry points with their empty defaults (the newest version; @production), each
+    # recording what it did in the run `mlflow run` opened.
+    sh([*mlflow_run, "-e", "promote", "--run-name", "promote-newest",
+        "-P", "metric=test_log_loss", "-P", "min_delta=100"], repo, check=False)
+    sh([*mlflow_run, "-e", "predict", "--run-name", "predict-fox", "-P", "paths=data/raw/fox",
+        "-P", "output=entry.csv"], repo)
+    assert pd.read_csv(repo / "entry.csv").equals(frame)
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("imgclf").experiment_id])}
+    assert runs["promote-newest"].data.tags["imgclf.command"] == "promote"
+    assert runs["promote-newest"].data.tags["imgclf.promoted"] == "false"  # min_delta 100
+    assert runs["predict-fox"].data.tags["imgclf.images"] == "7"
+    artifacts = [a.path for a in client.list_artifacts(runs["predict-fox"].info.run_id)]
+    assert artifacts == ["entry.csv"]

@@ -23,59 +23,20 @@ from imgclf.errors import UserError
 from imgclf.serving.runners import LoadedModel
 
 
-def _exported_for(spec: str):
-    """The registered version's fastest export (logged to its run by the export stage), or
-    None when it has none: the Keras model inside the pyfunc is then used."""
-    import tempfile
-
-    from mlflow.exceptions import MlflowException
-
-    from imgclf.serving.runners import PREDICT_ARTIFACT, load_export
-    from imgclf.tracking import store
-
-    client = store.make_client()
-    target = spec.removeprefix("models:/")
-    try:
-        if "@" in target:
-            name, alias = target.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = target.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-    except (MlflowException, OSError, ValueError):
-        return None
-    if not version.run_id:
-        return None
-    # Loaded into memory, then the download goes: nothing piles up in the temp folder.
-    with tempfile.TemporaryDirectory(prefix="imgclf-predict-") as tmp:
-        try:
-            folder = client.download_artifacts(version.run_id, PREDICT_ARTIFACT, tmp)
-        except (MlflowException, OSError):
-            return None
-        return load_export(Path(folder), label=spec)
-
-
 def load_model(spec: str, tta: bool = False, exact: bool = False) -> LoadedModel:
     from imgclf.serving.runners import keras_predictor, load_keras_file
 
     path = Path(spec)
     if spec.startswith("models:/") or spec.startswith("runs:/"):
-        import mlflow
-        from mlflow.exceptions import MlflowException
+        from imgclf.serving.runners import load_export
+        from imgclf.tracking import registry
 
-        from imgclf.tracking import store
-
-        store.use_fluent()
         if not exact and not tta and spec.startswith("models:/"):
-            fast = _exported_for(spec)
-            if fast is not None:
-                return fast
-        try:
-            pyfunc = mlflow.pyfunc.load_model(spec)
-        except MlflowException as err:
-            raise UserError(f"cannot load model {spec} from {store.tracking_uri()}: "
-                            f"{str(err).splitlines()[0]}") from None
-        inner = pyfunc.unwrap_python_model()
+            # Loaded into memory, then the download goes: nothing piles up in /tmp.
+            with registry.predict_export(spec) as folder:
+                if folder is not None:
+                    return load_export(folder, label=spec)
+        inner = registry.load_pyfunc(spec).unwrap_python_model()
         if exact or tta or inner.format == "keras":
             forward, label = keras_predictor(inner.model, tta), spec
         else:

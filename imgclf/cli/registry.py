@@ -19,7 +19,6 @@ def _client():
 
 def promote(args) -> int:
     from imgclf.tracking import registry
-
     from imgclf.tracking.runs import log_to_entry_run
 
     # `or None`: `mlflow run -e promote` passes an empty --version for "the newest".

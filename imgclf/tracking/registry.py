@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,3 +201,49 @@ def versions_table(client: MlflowClient, name: str) -> list[dict]:
                 "%Y-%m-%d %H:%M"),
         })
     return rows
+
+
+def _version_of(client: MlflowClient, spec: str):
+    """The ModelVersion a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names, or None."""
+    target = spec.removeprefix("models:/")
+    try:
+        if "@" in target:
+            name, alias = target.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, number = target.rsplit("/", 1)
+        return client.get_model_version(name, number)
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+@contextmanager
+def predict_export(spec: str) -> Iterator[Path | None]:
+    """The registered version's fastest export (logged to its run by the export stage) in a
+    temporary folder, removed afterwards; None when it has none."""
+    from imgclf.serving.runners import PREDICT_ARTIFACT
+    from imgclf.tracking import store
+
+    client = store.make_client()
+    version = _version_of(client, spec)
+    with tempfile.TemporaryDirectory(prefix="imgclf-predict-") as tmp:
+        folder = None
+        if version is not None and version.run_id:
+            try:
+                folder = Path(client.download_artifacts(version.run_id, PREDICT_ARTIFACT, tmp))
+            except (MlflowException, OSError):
+                folder = None
+        yield folder
+
+
+def load_pyfunc(spec: str):
+    """The registered (or logged) pyfunc, as `mlflow models serve` loads it."""
+    import mlflow
+
+    from imgclf.tracking import store
+
+    store.use_fluent()
+    try:
+        return mlflow.pyfunc.load_model(spec)
+    except MlflowException as err:
+        raise UserError(f"cannot load model {spec} from {store.tracking_uri()}: "
+                        f"{str(err).splitlines()[0]}") from None

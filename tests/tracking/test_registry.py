@@ -92,3 +92,6 @@ def test_cli_exit_codes_and_concurrent_promotes(store):
     missing = imgclf(root, uri, "promote", "--name", "cats")
     _, err = missing.communicate(timeout=120)
     assert missing.returncode == 2 and "Traceback" not in err
+    # The promote lock lives in the temp folder, not in the user's project (where `git status`
+    # would show it).
+    assert not [p.name for p in root.iterdir() if "lock" in p.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,22 @@ def test_nothing_readable_exits_nonzero_and_bad_model_exits_2(trained_project, t
     result = imgclf(trained_project, "predict", str(bad), "--model", "models:/nope@production")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot load model models:/nope@production" in result.stderr
+    # A path that does not exist is named, with exit 2 (a user's mistake), before any model
+    # is loaded.
+    result = imgclf(trained_project, "predict", "/nonexistent/photos")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "/nonexistent/photos" in result.stderr and "no such file or folder" in result.stderr
+
+
+def test_predict_a_folder_outside_the_project_given_with_dot_dot(trained_project, tmp_path):
+    # `imgclf predict ../photos`: the `..` is the user's path, not a hidden folder.
+    photos = tmp_path / "photos"
+    for i, src in enumerate(sorted((trained_project / "data/raw/alpha").glob("*.png"))[:3]):
+        write(photos / f"p{i}.png", src.read_bytes())
+    write(photos / ".hidden.png", b"")  # hidden inside the folder: still skipped
+    rel = os.path.relpath(photos, trained_project)
+    assert rel.startswith("..")
+    result = imgclf(trained_project, "predict", rel, "--model", "models/model.keras")
+    assert result.returncode == 0, result.stderr[-2000:]
+    frame = pd.read_csv(pd.io.common.StringIO(result.stdout))
+    assert len(frame) == 3 and all(p.startswith("..") for p in frame["path"])
