@@ -124,7 +124,7 @@ def frozen_way(way: str, args) -> dict:
     from imgclf.data.manifests import read_classes
     from imgclf.model.network import build_classifier, freeze_base
     from imgclf.training.phases import compile_model, extraction_batch, make_optimizer
-    from imgclf.training.trainer import make_data
+    from imgclf.training.session import make_data
 
     root = Path.cwd()
     # No augmentation, so both ways see exactly the same inputs every epoch.
@@ -166,7 +166,7 @@ def bench_pipeline_headroom(work: Path, args) -> dict:
     from imgclf.data.manifests import read_classes
     from imgclf.model.network import build_classifier, unfreeze_top
     from imgclf.training.phases import compile_model, make_optimizer
-    from imgclf.training.trainer import make_data
+    from imgclf.training.session import make_data
 
     root = _digits_project(work / "pipeline", args.per_class)
     os.chdir(root)
@@ -296,7 +296,7 @@ def _bf16_accuracy(work: Path, args) -> dict:
 
     from imgclf.data.manifests import read_classes
     from imgclf.model.network import build_classifier, freeze_base
-    from imgclf.training.trainer import make_data
+    from imgclf.training.session import make_data
 
     root = _digits_project(work / "bf16", args.per_class)
     os.chdir(root)

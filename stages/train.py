@@ -24,7 +24,7 @@ def main() -> None:
     weights = resolve_weights(params.model.weights)  # offline imagenet fails here, in seconds
     from imgclf.tracking import store
     from imgclf.tracking.publish import publish, read_pending
-    from imgclf.training.trainer import train_and_track
+    from imgclf.training.session import train_and_track
 
     client = store.usable_client(params.mlflow.experiment) if role.is_chief else None
     pending = read_pending(params) if role.is_chief else None

@@ -27,7 +27,7 @@ from imgclf.training.phases import (
     run_head_phase,
     start_finetune,
 )
-from imgclf.training.trainer import keras_setup, make_data
+from imgclf.training.session import keras_setup, make_data
 
 
 def stand_in_base(image_size: int, weights):

@@ -92,7 +92,7 @@ def test_cached_features_give_the_plain_forward_pass(tiny_project):
     from imgclf.data.manifests import read_classes
     from imgclf.params import load_params
     from imgclf.training.phases import extract_features
-    from imgclf.training.trainer import make_data
+    from imgclf.training.session import make_data
 
     params = load_params()
     data = make_data(params, read_classes())
@@ -163,7 +163,7 @@ def test_train_stage_logs_and_registers_in_mlflow(trained_project):
 
     # The registered model holds the very model train wrote (what it serves with, and how
     # close that is to Keras: tests/test_serving.py and tests/test_bad_input.py).
-    from imgclf.training.trainer import weights_digest
+    from imgclf.training.session import weights_digest
 
     mlflow.set_tracking_uri(uri)
     inner = mlflow.pyfunc.load_model("models:/imgclf/1").unwrap_python_model()

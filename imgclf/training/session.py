@@ -1,5 +1,6 @@
-"""One training from start to shipped model: data, network, both phases (resuming where a
-killed run stopped), the model file and the reports; MLflow through `imgclf.tracking`.
+"""One training session from start to shipped model: data, network, both phases (resuming
+where a killed run stopped), the model file and the reports; MLflow through
+`imgclf.tracking`.
 
 Under a multi-worker strategy every worker calls `train_and_track`; only the chief
 (`role.is_chief`) gets a tracking client, writes the stage's outputs and logs.
