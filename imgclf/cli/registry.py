@@ -30,7 +30,8 @@ def promote(args) -> int:
                           "imgclf.message": str(err)[:5000]})
         print(str(err), file=sys.stderr)
         return 1
-    log_to_entry_run({"imgclf.command": "promote", "imgclf.promoted": str(decision.promoted).lower(),
+    log_to_entry_run({"imgclf.command": "promote",
+                      "imgclf.promoted": str(decision.promoted).lower(),
                       "imgclf.message": decision.message[:5000]})
     print(decision.message)
     if decision.forced:
