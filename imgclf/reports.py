@@ -9,6 +9,37 @@ from imgclf import io, paths
 WRONG_SHOWN = 24  # images in the confidently-wrong grid
 
 
+def served_and_keras(served, files: list[str], labels: np.ndarray, classes: list[str],
+                     params) -> tuple[np.ndarray, dict, str]:
+    """(the served model's test probabilities, the Keras model's numbers beside them, the
+    served format). Keras is run only where the served format is not Keras itself."""
+    from tqdm import tqdm
+
+    from imgclf import metrics as m
+    from imgclf.errors import UserError
+    from imgclf.serving.batches import predict_files, predict_served
+    from imgclf.serving.runners import LoadedModel, keras_predictor
+
+    inner = served.unwrap_python_model()
+    tta, batch = params.evaluate.tta, params.evaluate.batch_size
+    with tqdm(total=len(files), unit="img", desc="evaluate") as bar:
+        probs, _, bad = predict_served(served, files, len(classes), batch, tta, bar.update)
+    if bad:
+        raise UserError(f"{len(bad)} test image(s) could not be read (e.g. {files[bad[0][0]]}: "
+                        f"{bad[0][1]}): rerun the prepare stage")
+    if inner.format == "keras":
+        return probs, {}, inner.format
+    keras_model = LoadedModel(keras_predictor(inner.model, tta), classes, inner.image_size,
+                              inner.resize, "keras", inner.max_pixels)
+    keras_probs, _, _ = predict_files(keras_model, files, batch)
+    keras_numbers = m.summary_metrics(keras_probs, labels)
+    return probs, {
+        "keras_accuracy": round(keras_numbers["accuracy"], 6),
+        "keras_log_loss": round(keras_numbers["log_loss"], 6),
+        "served_keras_top1_agreement": m.parity(keras_probs, probs)["top1_agreement"],
+    }, inner.format
+
+
 def test_results(probs: np.ndarray, labels: np.ndarray, classes: list[str]):
     """(summary, per-class table, confusion matrix, most confused pairs) of test predictions."""
     from imgclf import metrics as m

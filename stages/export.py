@@ -1,10 +1,11 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
 
 Reads params sections export, model (image_size, resize), prepare.max_pixels. Writes
-models/export/ and reports/export.json, and logs the report and the fastest format that
-keeps the agreement gate (for `imgclf predict`) to the training run in MLflow. Fails when the
-SavedModel or TFLite float32 disagree with the Keras model (top-1 on any test image, or a
-probability off by more than 1e-4): an export that changes answers must not ship.
+models/export/ and reports/export.json, and logs the report to the training run in MLflow.
+Fails when the SavedModel or TFLite float32 disagree with the Keras model (top-1 on any test
+image, or a probability off by more than 1e-4), or when the SavedModel's image-bytes
+signature agrees with the served model on fewer than 99% of the test images: an export that
+changes answers must not ship.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ def main() -> None:
 
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.model.formats import export_all
-    from imgclf.serving.runners import recommended_files
     from imgclf.tracking import runs, store
 
     classes = read_classes()
@@ -35,8 +35,7 @@ def main() -> None:
     io.write_json(paths.EXPORT_REPORT, report)
     if paths.TRAIN_REPORT.is_file():
         run_id = json.loads(paths.TRAIN_REPORT.read_text(encoding="utf-8"))["run_id"]
-        runs.log_export(store.make_client(), run_id, paths.EXPORT_REPORT,
-                        recommended_files(paths.EXPORT_DIR), report["formats"])
+        runs.log_export(store.make_client(), run_id, paths.EXPORT_REPORT, report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
           f"{report['speedup_vs_keras_predict']}x Keras predict at batch "
           f"{report['batch_size']})")

@@ -4,15 +4,17 @@ MODEL is `models:/NAME@ALIAS`, `models:/NAME/VERSION` (the MLflow registry of th
 store, or MLFLOW_TRACKING_URI), a `.keras` file (classes from data/prepared/classes.json or
 a classes.json beside it), or an export folder (models/export).
 
-From the registry it uses the version's fastest export when the export stage has logged one
-to its run (`export/predict`: the fastest format whose top-1 agreement with the Keras model
-on the test split is >= 98%; TFLite dynamic-range in most cases); `--exact` (and `--tta`)
-use the Keras model itself.
+From the registry it answers exactly as the served model does: the version's own pyfunc
+(the format it serves with, TFLite dynamic-range in most cases) on the files' bytes, the
+probabilities that evaluate measured. `--exact` uses the Keras model inside it instead.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,29 +25,21 @@ from imgclf.errors import UserError
 from imgclf.serving.runners import LoadedModel
 
 
-def load_model(spec: str, tta: bool = False, exact: bool = False) -> LoadedModel:
-    from imgclf.serving.runners import keras_predictor, load_keras_file
+@dataclass
+class Answers:
+    probs: object        # (n_good, classes) probabilities
+    good: list[int]      # indices of the files answered
+    bad: list[tuple[int, str]]
+    classes: list[str]
+    source: str          # what answered, for the message
+
+
+def load_model(spec: str, tta: bool = False) -> LoadedModel:
+    """A `.keras` file or an export folder, as a LoadedModel."""
+    from imgclf.serving.runners import load_export, load_keras_file
 
     path = Path(spec)
-    if spec.startswith("models:/") or spec.startswith("runs:/"):
-        from imgclf.serving.runners import load_export
-        from imgclf.tracking import registry
-
-        if not exact and not tta and spec.startswith("models:/"):
-            # Loaded into memory, then the download goes: nothing piles up in /tmp.
-            with registry.predict_export(spec) as folder:
-                if folder is not None:
-                    return load_export(folder, label=spec)
-        inner = registry.load_pyfunc(spec).unwrap_python_model()
-        if exact or tta or inner.format == "keras":
-            forward, label = keras_predictor(inner.model, tta), spec
-        else:
-            forward, label = inner.forward, f"{spec} ({inner.format})"
-        return LoadedModel(forward, inner.classes, inner.image_size, inner.resize, label,
-                           inner.max_pixels)
     if path.is_dir():
-        from imgclf.serving.runners import load_export
-
         return load_export(path)
     if path.suffix == ".keras" and path.is_file():
         classes = path.with_name("classes.json")
@@ -61,6 +55,34 @@ def load_model(spec: str, tta: bool = False, exact: bool = False) -> LoadedModel
         return load_keras_file(path, classes, None, "crop", tta)
     raise UserError(f"--model {spec!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION, "
                     "a .keras file nor an export folder")
+
+
+@contextmanager
+def answering(spec: str, files: list[str], batch_size: int, tta: bool, exact: bool,
+              on_batch) -> Iterator[Answers]:
+    """Every file's probabilities from the model `spec` names."""
+    from imgclf.serving.batches import predict_files, predict_served
+
+    if spec.startswith(("models:/", "runs:/")):
+        from imgclf.serving.runners import keras_predictor
+        from imgclf.tracking import registry
+
+        with registry.served_model(spec) as served:
+            inner = served.unwrap_python_model()
+            if exact:
+                model = LoadedModel(keras_predictor(inner.model, tta), inner.classes,
+                                    inner.image_size, inner.resize, f"{spec} (keras)",
+                                    inner.max_pixels)
+                yield Answers(*predict_files(model, files, batch_size, on_batch),
+                              inner.classes, model.source)
+                return
+            probs, good, bad = predict_served(served, files, len(inner.classes), batch_size,
+                                              tta, on_batch)
+            yield Answers(probs, good, bad, inner.classes, f"{spec} ({inner.format})")
+        return
+    model = load_model(spec, tta)
+    yield Answers(*predict_files(model, files, batch_size, on_batch), model.classes,
+                  model.source)
 
 
 def format_labels(files, probs, good, classes, top_k: int) -> pd.DataFrame:
@@ -84,7 +106,7 @@ def format_kaggle(files, probs, good, classes) -> pd.DataFrame:
 
 def run(args) -> int:
     from imgclf.params import configured_model_name
-    from imgclf.serving.batches import collect_images, predict_files
+    from imgclf.serving.batches import collect_images
 
     files, missing = collect_images(args.paths)
     for item in missing:
@@ -93,26 +115,26 @@ def run(args) -> int:
         where = ", ".join(missing) if missing else ", ".join(args.paths)
         raise UserError(f"no image files to predict in {where}"
                         + (" (no such file or folder)" if missing == args.paths else ""))
-    model = load_model(args.model or f"models:/{configured_model_name()}@production",
-                       tta=args.tta, exact=args.exact)
-    with tqdm(total=len(files), unit="img", desc="predict") as bar:
-        probs, good, bad = predict_files(model, files, args.batch_size, on_batch=bar.update)
+    spec = args.model or f"models:/{configured_model_name()}@production"
+    with tqdm(total=len(files), unit="img", desc="predict") as bar, \
+            answering(spec, files, args.batch_size, args.tta, args.exact, bar.update) as answers:
+        probs, good, bad, classes = answers.probs, answers.good, answers.bad, answers.classes
     for index, reason in bad:
         print(f"warning: skipped {files[index]}: {reason}", file=sys.stderr)
     if not good:
         print("error: none of the files could be read as an image", file=sys.stderr)
         return 1
     if args.format == "kaggle":
-        frame = format_kaggle(files, probs, good, model.classes)
+        frame = format_kaggle(files, probs, good, classes)
     else:
-        frame = format_labels(files, probs, good, model.classes, args.top_k)
+        frame = format_labels(files, probs, good, classes, args.top_k)
     if args.output:
         io.write_csv(args.output, frame)
         print(f"predict: {len(good)} image(s) -> {args.output}"
-              f"{f' ({len(bad)} skipped)' if bad else ''} [{model.source}]", file=sys.stderr)
+              f"{f' ({len(bad)} skipped)' if bad else ''} [{answers.source}]", file=sys.stderr)
         from imgclf.tracking.runs import log_to_entry_run
 
-        log_to_entry_run({"imgclf.command": "predict", "imgclf.model": model.source,
+        log_to_entry_run({"imgclf.command": "predict", "imgclf.model": answers.source,
                           "imgclf.images": len(good), "imgclf.skipped": len(bad)},
                          [Path(args.output)])
     else:
@@ -145,8 +167,9 @@ def add_parser(sub) -> None:
                         "probability column per class (the dog-breed submission format)")
     p.add_argument("--batch-size", type=_positive, default=32, metavar="N")
     p.add_argument("--exact", action="store_true",
-                   help="use the Keras model itself, not the fastest export (which agrees with "
-                        "it on >= 98%% of the test images, top-1)")
+                   help="from the registry: the Keras model inside the registered version, "
+                        "not the format it serves with (which agreed with it on >= 98%% of "
+                        "the validation images, top-1)")
     p.add_argument("--tta", action="store_true",
                    help="average over the image and its horizontal flip")
 

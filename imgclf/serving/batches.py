@@ -7,11 +7,14 @@ are. A file that cannot be read is reported, not fatal.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from imgclf.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -64,6 +67,41 @@ def predict_files(model: LoadedModel, files: list[str], batch_size: int = 32,
     probs = (np.concatenate(all_probs) if all_probs
              else np.zeros((0, len(model.classes)), np.float32))
     return probs, all_good, all_bad
+
+
+def predict_served(served, files: list[str], num_classes: int, batch_size: int = 32,
+                   tta: bool = False, on_batch: Callable[[int], object] | None = None,
+                   ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """What the served model answers for each file, sent as a client sends it (base64 file
+    bytes through the pyfunc's `predict`): (probs, indices of answered files, failures)."""
+    all_probs, all_good, all_bad = [], [], []
+    for start in range(0, len(files), batch_size):
+        chunk, payload = [], []
+        for i in range(start, min(start + batch_size, len(files))):
+            try:
+                payload.append(base64.b64encode(Path(files[i]).read_bytes()).decode("ascii"))
+                chunk.append(i)
+            except OSError as err:
+                all_bad.append((i, f"unreadable: {err.strerror or err}"))
+        if chunk:
+            try:
+                out = served.predict(pd.DataFrame({"image": payload}),
+                                     params={"probabilities": True, "tta": tta, "top_k": 1})
+            except Exception as err:  # the whole request refused: none of it was readable
+                all_bad += [(i, str(err).splitlines()[0]) for i in chunk]
+            else:
+                for i, error, probs in zip(chunk, out["error"], out["probabilities"],
+                                           strict=True):
+                    if error:
+                        all_bad.append((i, error))
+                    else:
+                        all_good.append(i)
+                        all_probs.append(np.asarray(json.loads(probs), np.float32))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(files)) - start)
+    probs = np.stack(all_probs) if all_probs else np.zeros((0, num_classes), np.float32)
+    order = np.argsort(all_good, kind="stable")
+    return probs[order], [all_good[i] for i in order], sorted(all_bad)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:

@@ -4,8 +4,11 @@ Input: a DataFrame with a column `image` whose values are base64-encoded file by
 JSON clients send) or raw bytes; never file paths, so that a client of the served model
 cannot make the server read its own files. Output per image: `label`, `confidence`,
 `top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
-read: one bad upload in a batch does not fail the others). A request with no readable image
-at all, or without an `image` column, is refused as a bad request (HTTP 400 when served).
+read: one bad upload in a batch does not fail the others); with the param `probabilities`,
+also `probabilities` (JSON list, one per class in `classes` order: what log loss and the
+Kaggle format need). The param `tta` averages each image with its mirror image. A request
+with no readable image at all, or without an `image` column, is refused as a bad request
+(HTTP 400 when served).
 Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline, and
 (with `mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests
 when it agreed with Keras on enough validation images.
@@ -81,7 +84,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise MlflowException("the request needs a column 'image' holding base64-encoded "
                                   "image file bytes", error_code=INVALID_PARAMETER_VALUE)
-        top_k = int((params or {}).get("top_k", 5))
+        params = params or {}
+        top_k = int(params.get("top_k", 5))
+        full, tta = bool(params.get("probabilities", False)), bool(params.get("tta", False))
         if top_k < 1:
             raise MlflowException(f"top_k = {top_k}: must be >= 1",
                                   error_code=INVALID_PARAMETER_VALUE)
@@ -107,11 +112,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             batch = np.stack([pixels[i] for i in good]).astype(np.float32)
             with self._lock:
                 probs[good] = in_chunks(self.forward, batch)
+                if tta:
+                    mirrored = np.ascontiguousarray(batch[:, :, ::-1, :])
+                    probs[good] = (probs[good] + in_chunks(self.forward, mirrored)) / 2.0
+        columns = ["label", "confidence", "top_k", "error"] + (["probabilities"] if full else [])
         rows = []
         for i in range(len(values)):
             if errors[i]:
                 rows.append({"label": None, "confidence": None, "top_k": "[]",
-                             "error": errors[i]})
+                             "error": errors[i], "probabilities": "[]"})
                 continue
             order = np.argsort(-probs[i])[:top_k]
             rows.append({
@@ -121,5 +130,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                                       "probability": round(float(probs[i, j]), 6)}
                                      for j in order], ensure_ascii=False),
                 "error": "",
+                # Full precision: these are what the test log loss is computed from.
+                "probabilities": json.dumps([float(v) for v in probs[i]]),
             })
-        return pd.DataFrame(rows, columns=["label", "confidence", "top_k", "error"])
+        return pd.DataFrame(rows, columns=columns)

@@ -1,8 +1,8 @@
 """Each deployable format as one callable: float pixels (n, s, s, 3), 0-255 -> probabilities.
 
-Keras (`.keras`), the export SavedModel and TFLite files; and the export folder's layout,
-which `imgclf predict` and the export stage share. TensorFlow is imported inside each
-runner, so a caller pays only for the format it uses.
+Keras (`.keras`), the export SavedModel and TFLite files (through LiteRT); and the export
+folder's layout. Each runner imports its engine itself, so a caller pays only for the format
+it uses: a TFLite-served model needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ Predictor = Callable[[np.ndarray], np.ndarray]  # float32 pixels (n, s, s, 3) ->
 SAVED_MODEL = "saved_model"
 META = "export.json"
 LABELS = "labels.txt"
-PREDICT_ARTIFACT = "export/predict"  # in the training run: what `imgclf predict` downloads
 CHUNK = 32  # images per call when a caller hands a runner more at once
 
 
@@ -108,9 +107,11 @@ def saved_model_bytes_fn(loaded):
 
 
 def tflite_runner(path: Path, name: str) -> Runner:
-    import tensorflow as tf
+    """A `.tflite` file run by LiteRT (ai-edge-litert): the same files as tf.lite, without
+    TensorFlow (whose tf.lite.Interpreter is deprecated)."""
+    from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=os.cpu_count())
+    interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
     state = {"batch": None}
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
@@ -137,13 +138,6 @@ def load_keras_file(path: Path, classes_path: Path, image_size: int | None,
     classes = json.loads(classes_path.read_text(encoding="utf-8"))
     return LoadedModel(keras_predictor(model, tta), classes, size, resize, str(path),
                        max_pixels)
-
-
-def recommended_files(folder: Path) -> list[Path]:
-    """The files a predictor needs from an export folder: metadata, labels, the fastest
-    format that keeps the agreement gate."""
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    return [folder / META, folder / LABELS, format_path(folder, meta["recommended"])]
 
 
 def load_export(folder: Path, label: str | None = None) -> LoadedModel:

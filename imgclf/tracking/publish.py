@@ -42,19 +42,31 @@ def serving_code(folder: Path) -> Path:
     return target
 
 
-def requirements() -> list[str]:
-    """Pinned requirements of the serving code, as installed here. TensorFlow under whichever
-    distribution this machine has (tensorflow-cpu here; tensorflow on CUDA images)."""
-    pins = []
-    for names in (("tensorflow-cpu", "tensorflow"), ("keras",), ("pillow",), ("numpy",),
-                  ("pandas",), ("mlflow",)):
-        for name in names:
-            try:
-                pins.append(f"{name}=={version(name)}")
-                break
-            except PackageNotFoundError:
-                continue
-    return pins
+def _pin(name: str) -> str:
+    return f"{name}=={version(name)}"
+
+
+def tensorflow_version() -> str:
+    """TensorFlow's version, whichever distribution is installed: tensorflow-cpu here, the
+    tensorflow wheel on CUDA images (both have the same version numbers)."""
+    for name in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    raise PackageNotFoundError("tensorflow")
+
+
+def requirements(serving_format: str) -> list[str]:
+    """Exactly what the serving code imports, pinned as installed here. A TFLite-served model
+    runs on LiteRT and needs no TensorFlow; a Keras-served one declares `tensorflow`, which
+    installs on any machine (CPU or CUDA) where `tensorflow-cpu` would not on a GPU one."""
+    # mlflow-skinny: the pyfunc loader and the scoring server (FastAPI, uvicorn), without the
+    # tracking server, UI and ML libraries of `mlflow` (258 MB of environment, not 686 MB).
+    pins = [_pin(name) for name in ("mlflow-skinny", "numpy", "pandas", "pillow")]
+    if serving_format.startswith("tflite"):
+        return [*pins, _pin("ai-edge-litert")]
+    return [*pins, f"tensorflow=={tensorflow_version()}", _pin("keras")]
 
 
 def input_example(params: Params) -> str:
@@ -114,8 +126,11 @@ def log_model(client, run_id: str, params: Params, timings: dict) -> dict:
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
-                        ColSpec("string", "top_k"), ColSpec("string", "error")]),
-        params=ParamSchema([ParamSpec("top_k", "long", 5)]),
+                        ColSpec("string", "top_k"), ColSpec("string", "error"),
+                        ColSpec("string", "probabilities", required=False)]),
+        params=ParamSchema([ParamSpec("top_k", "long", 5),
+                            ParamSpec("probabilities", "boolean", False),
+                            ParamSpec("tta", "boolean", False)]),
     )
     with tempfile.TemporaryDirectory() as tmp:
         extra, serving_format = serving_artifacts(client, run_id, params, Path(tmp))
@@ -136,7 +151,7 @@ def log_model(client, run_id: str, params: Params, timings: dict) -> dict:
                 signature=signature,
                 input_example=pd.DataFrame({"image": [input_example(params)]}),
                 registered_model_name=params.mlflow.model_name,
-                pip_requirements=requirements(),
+                pip_requirements=requirements(serving_format),
             )
     return {"model_uri": info.model_uri, "version": info.registered_model_version}
 

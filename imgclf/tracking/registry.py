@@ -203,47 +203,25 @@ def versions_table(client: MlflowClient, name: str) -> list[dict]:
     return rows
 
 
-def _version_of(client: MlflowClient, spec: str):
-    """The ModelVersion a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names, or None."""
-    target = spec.removeprefix("models:/")
-    try:
-        if "@" in target:
-            name, alias = target.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, number = target.rsplit("/", 1)
-        return client.get_model_version(name, number)
-    except (MlflowException, OSError, ValueError):
-        return None
+def version_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"
 
 
 @contextmanager
-def predict_export(spec: str) -> Iterator[Path | None]:
-    """The registered version's fastest export (logged to its run by the export stage) in a
-    temporary folder, removed afterwards; None when it has none."""
-    from imgclf.serving.runners import PREDICT_ARTIFACT
-    from imgclf.tracking import store
-
-    client = store.make_client()
-    version = _version_of(client, spec)
-    with tempfile.TemporaryDirectory(prefix="imgclf-predict-") as tmp:
-        folder = None
-        if version is not None and version.run_id:
-            try:
-                folder = Path(client.download_artifacts(version.run_id, PREDICT_ARTIFACT, tmp))
-            except (MlflowException, OSError):
-                folder = None
-        yield folder
-
-
-def load_pyfunc(spec: str):
-    """The registered (or logged) pyfunc, as `mlflow models serve` loads it."""
+def served_model(uri: str) -> Iterator:
+    """The registered (or logged) model, loaded as `mlflow models serve` loads it: the
+    pyfunc over its own artifacts. They are downloaded to a temporary folder, removed when
+    the block ends (MLflow's own download would stay in /tmp)."""
     import mlflow
 
     from imgclf.tracking import store
 
     store.use_fluent()
-    try:
-        return mlflow.pyfunc.load_model(spec)
-    except MlflowException as err:
-        raise UserError(f"cannot load model {spec} from {store.tracking_uri()}: "
-                        f"{str(err).splitlines()[0]}") from None
+    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            model = mlflow.pyfunc.load_model(local)
+        except (MlflowException, OSError) as err:
+            raise UserError(f"cannot load model {uri} from {store.tracking_uri()}: "
+                            f"{(str(err).splitlines() or [type(err).__name__])[0]}") from None
+        yield model

@@ -104,11 +104,14 @@ class EpochLog:
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
 
-def log_evaluation(client, train_report: dict, summary: dict, artifacts: list[Path]) -> None:
-    """Test metrics as `test_*` on the training run and as tags on its model version (the
-    promotion gate reads those)."""
+def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dict,
+                   served_format: str, artifacts: list[Path]) -> None:
+    """Test metrics of the served model as `test_*` on the training run and as tags on its
+    model version (the promotion gate reads those); the Keras model's numbers beside them."""
     run_id = train_report["run_id"]
     for key, value in summary.items():
+        client.log_metric(run_id, f"test_{key}", float(value))
+    for key, value in keras_summary.items():
         client.log_metric(run_id, f"test_{key}", float(value))
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
@@ -116,20 +119,12 @@ def log_evaluation(client, train_report: dict, summary: dict, artifacts: list[Pa
     if name and version:
         for key, value in summary.items():
             client.set_model_version_tag(name, str(version), f"test_{key}", str(value))
+        client.set_model_version_tag(name, str(version), "test_served_format", served_format)
 
 
-def log_export(client, run_id: str, report_path: Path, predict_files: list[Path],
-               formats: dict[str, dict]) -> None:
-    """The export report, each format's figures, and the files `imgclf predict` downloads
-    from the registry (the fastest format that keeps the agreement gate)."""
-    from imgclf.serving.runners import PREDICT_ARTIFACT
-
+def log_export(client, run_id: str, report_path: Path, formats: dict[str, dict]) -> None:
+    """The export report and each format's figures, on the training run."""
     client.log_artifact(run_id, str(report_path), artifact_path="export")
-    for path in predict_files:
-        if path.is_dir():
-            client.log_artifacts(run_id, str(path), f"{PREDICT_ARTIFACT}/{path.name}")
-        else:
-            client.log_artifact(run_id, str(path), artifact_path=PREDICT_ARTIFACT)
     for name, fmt in formats.items():
         for key in ("images_per_s", "latency_ms_batch1", "size_mb", "top1_agreement"):
             client.log_metric(run_id, f"export_{name}_{key}", float(fmt[key]))

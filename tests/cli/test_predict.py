@@ -94,3 +94,27 @@ def test_predict_a_folder_outside_the_project_given_with_dot_dot(trained_project
     assert result.returncode == 0, result.stderr[-2000:]
     frame = pd.read_csv(pd.io.common.StringIO(result.stdout))
     assert len(frame) == 3 and all(p.startswith("..") for p in frame["path"])
+
+
+def test_predict_from_the_registry_answers_as_the_served_model(trained_project, tmp_path):
+    import base64
+
+    import mlflow
+
+    files = sorted((trained_project / "data/raw/gamma").iterdir())
+    out = tmp_path / "sub.csv"
+    result = imgclf(trained_project, "predict", *map(str, files), "--model",
+                    "models:/imgclf/1", "--format", "kaggle", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{trained_project / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/imgclf/1")
+    assert f"[models:/imgclf/1 ({served.unwrap_python_model().format})]" in result.stderr
+    answers = served.predict(pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode()
+                                                     for f in files]}),
+                             params={"probabilities": True})
+    classes = json.loads((trained_project / "data/prepared/classes.json").read_text())
+    frame = pd.read_csv(out)
+    assert list(frame["id"]) == [f.stem for f in files]
+    np.testing.assert_allclose(frame[classes].to_numpy(),
+                               np.array([json.loads(p) for p in answers["probabilities"]]),
+                               rtol=1e-5, atol=1e-7)

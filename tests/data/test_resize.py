@@ -51,3 +51,20 @@ def test_the_savedmodel_decoder_resizes_as_the_pipeline_does(mode):
     got = _tf_fit_to_square(decoded, 75, mode).numpy()
     assert got.shape == (75, 75, 3)
     assert np.abs(got - expected).mean() < 3.0
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L"])
+def test_the_savedmodel_decoder_composites_transparency_on_white(mode):
+    import tensorflow as tf
+
+    from imgclf.model.formats import _tf_decode_rgb, _tf_fit_to_square
+
+    rgba = np.asarray(photo(64, 64, seed=9).convert("RGBA")).copy()
+    rgba[:32, :, 3] = 0       # top half fully transparent: white, as Pillow shows it
+    rgba[32:48, :, 3] = 128   # a half-transparent band
+    data = encode(Image.fromarray(rgba, "RGBA").convert(mode))
+    expected = load_pixels(data, 64, "stretch").astype(np.float32)
+    got = _tf_fit_to_square(_tf_decode_rgb(tf.constant(data)), 64, "stretch").numpy()
+    assert np.abs(got - expected).max() <= 2.0
+    if mode != "L":
+        assert (got[:32] >= 254.5).all()

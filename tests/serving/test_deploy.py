@@ -1,0 +1,149 @@
+"""The registered model deploys as MLflow deploys it: from its own declared environment.
+
+What `mlflow models serve --env-manager uv|virtualenv`, `mlflow models build-docker` and
+every deployment target do: a fresh environment made from the model's `requirements.txt`,
+outside the project and outside our venv, loads the model and answers. uv installs from the
+package index (a registry, not weights or data); its cache makes reruns fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import free_ports, run_module
+from mlflow.tracking import MlflowClient
+
+UV = str(Path(sys.executable).parent / "uv")
+
+
+def _clean_env(**extra) -> dict:
+    """No trace of our venv: not on PATH, no PYTHONPATH, no project store."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = ":".join(p for p in os.environ.get("PATH", "").split(":") if p != venv_bin)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MLFLOW_")}
+    return {**env, "PATH": path, **extra}
+
+
+def _test_images(project: Path) -> tuple[list[str], pd.DataFrame]:
+    test = pd.read_csv(project / "data/prepared/test.csv")
+    return [base64.b64encode((project / p).read_bytes()).decode() for p in test["path"]], test
+
+
+@pytest.mark.slow
+def test_registered_model_runs_in_a_fresh_venv_from_its_own_requirements(trained_project,
+                                                                          tmp_path):
+    if not (trained_project / "reports/metrics.json").is_file():
+        assert run_module("stages.evaluate", trained_project).returncode == 0
+    metrics = json.loads((trained_project / "reports/metrics.json").read_text())
+    uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/imgclf/1",
+                                                         dst_path=str(tmp_path / "model")))
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    served_format = json.loads((model_dir / "artifacts/config.json").read_text())["format"]
+    if served_format.startswith("tflite"):
+        # LiteRT runs it: no TensorFlow (1.3 GB) in the deployment.
+        assert not any(r.startswith(("tensorflow", "keras")) for r in requirements)
+        assert any(r.startswith("ai-edge-litert==") for r in requirements)
+    # Only the serving code travels with the model, never training.
+    code = {p.relative_to(model_dir / "code").as_posix()
+            for p in (model_dir / "code").rglob("*.py")}
+    assert "imgclf/serving/pyfunc.py" in code and "imgclf/data/images.py" in code
+    assert not any(p.startswith(("imgclf/training", "imgclf/tracking", "imgclf/cli"))
+                   for p in code)
+
+    venv = tmp_path / "venv"
+    env = _clean_env(VIRTUAL_ENV=str(venv))
+    subprocess.run([UV, "venv", "-q", "--python", "3.11", str(venv)], check=True, env=env,
+                   cwd=tmp_path, timeout=300)
+    subprocess.run([UV, "pip", "install", "-q", "-r", str(model_dir / "requirements.txt")],
+                   check=True, env=env, cwd=tmp_path, timeout=900)
+    images, test = _test_images(trained_project)
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "images = json.load(open('images.json'))\n"
+        "out = model.predict(pd.DataFrame({'image': images}), params={'probabilities': True})\n"
+        "print(out.to_json(orient='records'))\n"
+    )
+    result = subprocess.run([str(venv / "bin/python"), "-c", script, str(model_dir)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deprecated" not in result.stderr.lower()
+    answers = pd.DataFrame(json.loads(result.stdout.strip().splitlines()[-1]))
+    # The answers evaluate measured, to the last digit.
+    accuracy = float((answers["label"] == test["label"].astype(str)).mean())
+    assert round(accuracy, 6) == metrics["accuracy"]
+    classes = json.loads((trained_project / "data/prepared/classes.json").read_text())
+    probs = np.array([json.loads(p) for p in answers["probabilities"]])
+    labels = np.array([classes.index(str(c)) for c in test["label"]])
+    from imgclf.metrics import summary_metrics
+
+    assert round(summary_metrics(probs, labels)["log_loss"], 6) == metrics["log_loss"]
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_builds_the_models_environment_and_answers(trained_project,
+                                                                        tmp_path):
+    uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.set_registered_model_alias("imgclf", "production", "1")
+    port = free_ports()[0]
+    venv_bin = str(Path(sys.executable).parent)  # uv, and mlflow itself, from our venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    start = time.monotonic()
+    server = subprocess.Popen(
+        [str(Path(venv_bin) / "mlflow"), "models", "serve", "-m", "models:/imgclf@production",
+         "--env-manager", "uv", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        images, test = _test_images(trained_project)
+        deadline = time.monotonic() + 600
+        answer = None
+        while answer is None and time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                answer = _post(f"http://127.0.0.1:{port}/invocations",
+                               {"dataframe_split": {"columns": ["image"],
+                                                    "data": [[i] for i in images]},
+                                "params": {"probabilities": True}})
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, "the server did not answer in 10 minutes"
+        print(f"cold start (environment + load + first answer): "
+              f"{time.monotonic() - start:.1f} s")
+        predictions = pd.DataFrame(answer["predictions"])
+        mlflow.set_tracking_uri(uri)
+        local = mlflow.pyfunc.load_model("models:/imgclf/1").predict(
+            pd.DataFrame({"image": images}), params={"probabilities": True})
+        assert list(predictions["label"]) == list(local["label"])
+        np.testing.assert_allclose(
+            np.array([json.loads(p) for p in predictions["probabilities"]]),
+            np.array([json.loads(p) for p in local["probabilities"]]), atol=1e-6)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
