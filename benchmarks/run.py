@@ -367,7 +367,7 @@ def bench_xla(work: Path, args) -> dict:
 def _tiny_repo(work: Path, per_class: int) -> Path:
     repo = work / "repo"
     repo.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for package in ("stages", "imgclf"):
         shutil.copytree(ROOT / package, repo / package,
@@ -419,6 +419,45 @@ def bench_repro_and_export(work: Path, args) -> dict:
     }
 
 
+def _dir_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
+
+
+def bench_serving(work: Path, args) -> dict:
+    """The registered version as it deploys: the size of the environment made from its own
+    requirements (uv, outside the project), the cold start of `mlflow models serve` (process
+    start to first answer) and its throughput at 32 images per request."""
+    repo = work / "repro" / "repo"
+    if not (repo / "reports/train.json").is_file():
+        repo = _tiny_repo(work / "serving", args.per_class)
+        _run(["dvc", "exp", "run", "-S", f"model.image_size={args.size}", "-S",
+              "model.weights=null", "-S", "train.head_epochs=1", "-S",
+              "train.finetune_epochs=0", "train"], repo)
+    train = json.loads((repo / "reports/train.json").read_text())
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    model_uri = f"models:/{train['registered_model']}/{train['model_version']}"
+    model_dir = work / "served-model"
+    _run([sys.executable, "-c", "import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); "
+          "mlflow.artifacts.download_artifacts(sys.argv[2], dst_path=sys.argv[3])",
+          uri, model_uri, str(model_dir)], work)
+    uv = str(Path(sys.executable).parent / "uv")
+    venv = work / "served-venv"
+    env = {"VIRTUAL_ENV": str(venv)}
+    _run([uv, "venv", "-q", "--python", "3.11", str(venv)], work, env)
+    _run([uv, "pip", "install", "-q", "-r", str(model_dir / "requirements.txt")], work, env)
+    config = json.loads((model_dir / "artifacts/config.json").read_text())
+
+    from imgclf.tracking.deployment import serve_figures
+
+    files = [str(f) for f in sorted((repo / "data/raw").rglob("*.png"))[:32]]
+    figures = serve_figures(model_uri, uri, files, repo)
+    return {"served_environment_mb": _dir_mb(venv),
+            "serve_cold_start_seconds": figures["cold_start_seconds"],
+            "serve_images_per_s_batch32": figures["images_per_s_batch32"],
+            "serving": {"format": config["format"], "image_size": config["image_size"],
+                        "requirements": (model_dir / "requirements.txt").read_text().split()}}
+
+
 def bench_prepare(work: Path, args) -> dict:
     """prepare on generated photo-sized JPEGs: throughput and peak memory."""
     from PIL import Image
@@ -452,6 +491,7 @@ BENCHES = {
     "xla": bench_xla,
     "frozen": bench_frozen_phase,
     "repro_export": bench_repro_and_export,
+    "serving": bench_serving,
 }
 
 

@@ -1,7 +1,9 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
 
 Reads params sections export, model (image_size, resize), prepare.max_pixels. Writes
-models/export/ and reports/export.json, and logs the report to the training run in MLflow.
+models/export/ and reports/export.json (with what serving the registered version costs:
+its environment, the cold start and throughput of `mlflow models serve`), and logs the
+report to the training run in MLflow.
 Fails when the SavedModel or TFLite float32 disagree with the Keras model (top-1 on any test
 image, or a probability off by more than 1e-4), or when the SavedModel's image-bytes
 signature agrees with the served model on fewer than 99% of the test images: an export that
@@ -11,6 +13,7 @@ changes answers must not ship.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from imgclf import io, paths
 from imgclf.errors import UserError, exits_cleanly
@@ -20,28 +23,34 @@ from imgclf.params import load_params
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    if not paths.MODEL_FILE.is_file():
+    if not paths.MODEL_FILE.is_file() or not paths.TRAIN_REPORT.is_file():
         raise UserError("no trained model: run the train stage first (dvc repro train)")
     import keras
 
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.model.formats import export_all
     from imgclf.tracking import runs, store
+    from imgclf.tracking.deployment import registered_serving
 
     classes = read_classes()
     files, _ = read_manifest("test", classes)
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     report = export_all(params, model, classes, files)
+    train_report = json.loads(paths.TRAIN_REPORT.read_text(encoding="utf-8"))
+    report["serving"] = registered_serving(train_report, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)
-    if paths.TRAIN_REPORT.is_file():
-        run_id = json.loads(paths.TRAIN_REPORT.read_text(encoding="utf-8"))["run_id"]
-        runs.log_export(store.make_client(), run_id, paths.EXPORT_REPORT, report["formats"])
+    runs.log_export(store.make_client(), train_report["run_id"], paths.EXPORT_REPORT,
+                    report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
           f"{report['speedup_vs_keras_predict']}x Keras predict at batch "
           f"{report['batch_size']})")
     for name, fmt in report["formats"].items():
         print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {fmt['latency_ms_batch1']:>9.1f} ms/img "
               f"{fmt['images_per_s']:>8.1f} img/s  top-1 agreement {fmt['top1_agreement']:.4f}")
+    serving = report["serving"]
+    print(f"  served {serving['model']}: environment {serving['environment_mb']:.0f} MB, "
+          f"cold start {serving['cold_start_seconds']:.1f} s, "
+          f"{serving['images_per_s_batch32']:.1f} img/s at 32 a request")
 
 
 if __name__ == "__main__":
