@@ -43,6 +43,19 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     agreement = float((keras_model.predict(pixels).argmax(1) == lite(pixels).argmax(1)).mean())
     assert formats["tflite_dynamic"]["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
 
+    # What serving the registered version costs, measured through a real server.
+    serving = report["serving"]
+    assert serving["model"] == "models:/imgclf/1"
+    assert serving["cold_start_seconds"] > 0 and serving["images_per_s_batch32"] > 0
+    served_reqs = [r.split("==")[0] for r in serving["requirements"]]
+    assert served_reqs[:4] == ["mlflow-skinny", "numpy", "pandas", "pillow"]
+    assert ("ai-edge-litert" in served_reqs) != ("tensorflow" in served_reqs)
+    # A TFLite-served environment is a fraction of a TensorFlow one.
+    from imgclf.tracking.deployment import environment_mb
+
+    if "ai-edge-litert" in served_reqs:
+        assert serving["environment_mb"] < environment_mb(["tensorflow-cpu"]) / 2
+
     folder = trained_project / "models/export"
     classes = json.loads((trained_project / "data/prepared/classes.json").read_text())
     assert (folder / "labels.txt").read_text().splitlines() == classes
