@@ -52,6 +52,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(server: subprocess.Popen) -> None:
+    """End a server process: politely, then for sure."""
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(30)
+
+
 def serve_figures(model_uri: str, tracking_uri: str, files: list[str], cwd: Path,
                   rounds: int = 5, timeout: float = 300.0) -> dict:
     """Cold start and throughput of `mlflow models serve --env-manager local` (this
@@ -92,11 +102,7 @@ def serve_figures(model_uri: str, tracking_uri: str, files: list[str], cwd: Path
             post()
         per_s = rounds * IMAGES_PER_REQUEST / (time.perf_counter() - start)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
     return {"cold_start_seconds": round(cold, 2), "images_per_s_batch32": round(per_s, 1)}
 
 

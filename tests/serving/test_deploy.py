@@ -24,6 +24,8 @@ import pytest
 from conftest import free_ports, run_module
 from mlflow.tracking import MlflowClient
 
+from imgclf.tracking.deployment import stop
+
 UV = str(Path(sys.executable).parent / "uv")
 
 
@@ -142,8 +144,4 @@ def test_mlflow_models_serve_builds_the_models_environment_and_answers(trained_p
             np.array([json.loads(p) for p in predictions["probabilities"]]),
             np.array([json.loads(p) for p in local["probabilities"]]), atol=1e-6)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
