@@ -108,3 +108,37 @@ def test_registered_model_serves_the_fast_copy_only_when_it_agrees(trained_proje
                                                              strict=True)])
     assert same == pytest.approx(agreement, abs=1e-6)
     np.testing.assert_allclose(out["confidence"], probs.max(1), atol=0.05)
+
+
+def test_served_tta_averages_each_image_with_its_mirror(trained_project):
+    # `evaluate.tta` and the served model's `tta` param: the mean of the answers for the image
+    # and for its mirror image, sent as files.
+    import io
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    files = sorted((trained_project / "data/raw/beta").glob("*.png"))[:4]
+
+    def as_upload(img: Image.Image) -> str:
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    originals = [Image.open(f).convert("RGB") for f in files]
+    mirrored = [img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for img in originals]
+    mlflow.set_tracking_uri(f"sqlite:///{trained_project / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/imgclf/1")
+
+    def probs(uploads, **params):
+        out = served.predict(pd.DataFrame({"image": uploads}),
+                             params={"probabilities": True, **params})
+        return np.array([json.loads(p) for p in out["probabilities"]])
+
+    plain = probs([as_upload(i) for i in originals])
+    flipped = probs([as_upload(i) for i in mirrored])
+    tta = probs([as_upload(i) for i in originals], tta=True)
+    np.testing.assert_allclose(tta, (plain + flipped) / 2, atol=1e-5)
+    assert not np.allclose(plain, flipped, atol=1e-5)  # the mirror is a different input
