@@ -18,7 +18,6 @@ def served_and_keras(served, files: list[str], labels: np.ndarray, classes: list
     from imgclf import metrics as m
     from imgclf.errors import UserError
     from imgclf.serving.batches import predict_files, predict_served
-    from imgclf.serving.runners import LoadedModel, keras_predictor
 
     inner = served.unwrap_python_model()
     tta, batch = params.evaluate.tta, params.evaluate.batch_size
@@ -29,9 +28,7 @@ def served_and_keras(served, files: list[str], labels: np.ndarray, classes: list
                         f"{bad[0][1]}): rerun the prepare stage")
     if inner.format == "keras":
         return probs, {}, inner.format
-    keras_model = LoadedModel(keras_predictor(inner.model, tta), classes, inner.image_size,
-                              inner.resize, "keras", inner.max_pixels)
-    keras_probs, _, _ = predict_files(keras_model, files, batch)
+    keras_probs, _, _ = predict_files(inner.keras_runner("keras", tta), files, batch)
     keras_numbers = m.summary_metrics(keras_probs, labels)
     return probs, {
         "keras_accuracy": round(keras_numbers["accuracy"], 6),

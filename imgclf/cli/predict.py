@@ -64,15 +64,12 @@ def answering(spec: str, files: list[str], batch_size: int, tta: bool, exact: bo
     from imgclf.serving.batches import predict_files, predict_served
 
     if spec.startswith(("models:/", "runs:/")):
-        from imgclf.serving.runners import keras_predictor
         from imgclf.tracking import registry
 
         with registry.served_model(spec) as served:
             inner = served.unwrap_python_model()
             if exact:
-                model = LoadedModel(keras_predictor(inner.model, tta), inner.classes,
-                                    inner.image_size, inner.resize, f"{spec} (keras)",
-                                    inner.max_pixels)
+                model = inner.keras_runner(f"{spec} (keras)", tta)
                 yield Answers(*predict_files(model, files, batch_size, on_batch),
                               inner.classes, model.source)
                 return

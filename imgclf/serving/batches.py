@@ -100,8 +100,7 @@ def predict_served(served, files: list[str], num_classes: int, batch_size: int =
         if on_batch is not None:
             on_batch(min(start + batch_size, len(files)) - start)
     probs = np.stack(all_probs) if all_probs else np.zeros((0, num_classes), np.float32)
-    order = np.argsort(all_good, kind="stable")
-    return probs[order], [all_good[i] for i in order], sorted(all_bad)
+    return probs, all_good, sorted(all_bad)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:

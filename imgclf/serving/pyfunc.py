@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
-from imgclf.serving.runners import in_chunks
+from imgclf.serving.runners import LoadedModel, in_chunks, mirrored_mean
 
 
 def image_bytes(value) -> bytes:
@@ -75,6 +75,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self._model = keras.models.load_model(self._keras_path, safe_mode=True)
         return self._model
 
+    def keras_runner(self, source: str, tta: bool = False) -> LoadedModel:
+        """The Keras model inside the version, with the version's decode settings."""
+        from imgclf.serving.runners import keras_predictor
+
+        return LoadedModel(keras_predictor(self.model, tta), self.classes, self.image_size,
+                           self.resize, source, self.max_pixels)
+
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -110,11 +117,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probs = np.zeros((len(values), len(self.classes)), dtype=np.float32)
         if good:
             batch = np.stack([pixels[i] for i in good]).astype(np.float32)
+            forward = mirrored_mean(self.forward) if tta else self.forward
             with self._lock:
-                probs[good] = in_chunks(self.forward, batch)
-                if tta:
-                    mirrored = np.ascontiguousarray(batch[:, :, ::-1, :])
-                    probs[good] = (probs[good] + in_chunks(self.forward, mirrored)) / 2.0
+                probs[good] = in_chunks(forward, batch)
         columns = ["label", "confidence", "top_k", "error"] + (["probabilities"] if full else [])
         rows = []
         for i in range(len(values)):

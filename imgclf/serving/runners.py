@@ -65,6 +65,15 @@ def in_chunks(predict: Predictor, pixels: np.ndarray, size: int = CHUNK) -> np.n
     return np.concatenate([predict(pixels[i:i + size]) for i in range(0, len(pixels), size)])
 
 
+def mirrored_mean(predict: Predictor) -> Predictor:
+    """Test-time augmentation: the mean of `predict` over each image and its mirror image."""
+
+    def averaged(batch: np.ndarray) -> np.ndarray:
+        return (predict(batch) + predict(np.ascontiguousarray(batch[:, :, ::-1, :]))) / 2.0
+
+    return averaged
+
+
 def keras_predictor(model, tta: bool = False) -> Predictor:
     """Batch -> probabilities; with tta, the mean over the image and its horizontal flip."""
     import tensorflow as tf
@@ -73,12 +82,9 @@ def keras_predictor(model, tta: bool = False) -> Predictor:
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        probs = forward(batch).numpy()
-        if tta:
-            probs = (probs + forward(np.ascontiguousarray(batch[:, :, ::-1, :])).numpy()) / 2.0
-        return probs
+        return forward(batch).numpy()
 
-    return predict
+    return mirrored_mean(predict) if tta else predict
 
 
 def _dir_size(path: Path) -> int:

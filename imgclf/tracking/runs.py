@@ -109,9 +109,7 @@ def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dic
     """Test metrics of the served model as `test_*` on the training run and as tags on its
     model version (the promotion gate reads those); the Keras model's numbers beside them."""
     run_id = train_report["run_id"]
-    for key, value in summary.items():
-        client.log_metric(run_id, f"test_{key}", float(value))
-    for key, value in keras_summary.items():
+    for key, value in {**summary, **keras_summary}.items():
         client.log_metric(run_id, f"test_{key}", float(value))
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
