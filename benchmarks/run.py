@@ -483,7 +483,87 @@ def bench_prepare(work: Path, args) -> dict:
                         "seconds": round(elapsed, 2), "workers": os.cpu_count()}}
 
 
+def _photo_like(count: int, seed: int = 0, size=(400, 300)) -> list:
+    """Distinct photo-like images: smooth random colour fields (a bicubic blow-up of a few
+    random pixels) with sensor-like noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, (4 + i % 5, 5 + i % 4, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), int)
+        noisy = smooth + rng.integers(-20, 20, smooth.shape)
+        out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return out
+
+
+def _copies(img) -> dict:
+    """How scraped copies come about: resized and re-saved, or lightly cropped."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    def jpeg(copy, quality):
+        buffer = BytesIO()
+        copy.save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")
+
+    w, h = img.size
+    c = int(0.04 * min(w, h))
+    return {"resized": [jpeg(img.resize((w * 3 // 2, h * 3 // 2), Image.Resampling.BICUBIC), 80),
+                        jpeg(img.resize((w * 3 // 5, h * 3 // 5), Image.Resampling.BILINEAR),
+                             70)],
+            "cropped": [jpeg(img.crop((c, c, w - c, h - c)), 85)]}
+
+
+def bench_near_duplicates(work: Path, args) -> dict:
+    """The leakage gate's threshold: true copies found and distinct images wrongly grouped, by
+    Hamming distance, on the demo digits and on generated photo-like images."""
+    from imgclf.data.demo import digit_images
+    from imgclf.data.leakage import perceptual_hash
+
+    def as_int(images):
+        return np.array([int(perceptual_hash(i), 16) for i in images], dtype=np.uint64)
+
+    digits = digit_images(96)
+    photos = _photo_like(1000)
+    sets = {"digits": ([img for _, _, img in digits], [label for label, _, _ in digits]),
+            "photos": (photos, [i % 8 for i in range(len(photos))])}
+    out: dict = {"near_duplicate_distance_default": 4}
+    table = {}
+    for name, (images, labels) in sets.items():
+        hashes = as_int(images)
+        originals = range(0, len(images), max(1, len(images) // 150))
+        found: dict[str, list[int]] = {"resized": [], "cropped": []}
+        for k in originals:
+            for kind, copies in _copies(images[k]).items():
+                found[kind] += [int(np.bitwise_count(h ^ hashes[k])) for h in as_int(copies)]
+        upper = np.triu_indices(len(hashes), 1)
+        distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])[upper]
+        labels = np.array(labels)
+        across = labels[upper[0]] != labels[upper[1]]
+        rows = {}
+        for t in (0, 2, 4, 6, 8, 10):
+            close = distance <= t
+            rows[t] = {"resized_copies_found": round(float(np.mean(np.array(found["resized"])
+                                                                   <= t)), 3),
+                       "cropped_copies_found": round(float(np.mean(np.array(found["cropped"])
+                                                                   <= t)), 3),
+                       "distinct_pairs_grouped": int(close.sum()),
+                       "distinct_pairs_grouped_across_labels": int((close & across).sum())}
+        table[name] = rows
+        default = rows[out["near_duplicate_distance_default"]]
+        out[f"near_duplicate_copies_found_{name}"] = default["resized_copies_found"]
+        out[f"near_duplicate_distinct_pairs_grouped_{name}"] = default["distinct_pairs_grouped"]
+    out["near_duplicates"] = {"images": {k: len(v[0]) for k, v in sets.items()},
+                              "by_max_distance": table}
+    return out
+
+
 BENCHES = {
+    "near_duplicates": bench_near_duplicates,
     "prepare": bench_prepare,
     "forward": bench_forward_peak,
     "pipeline": bench_pipeline_headroom,

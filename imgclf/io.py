@@ -59,6 +59,14 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """A JSON file's content, or `default` when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {} if default is None else default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @contextmanager
 def replaced_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces `path` in one rename.

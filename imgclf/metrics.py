@@ -73,8 +73,76 @@ def confidently_wrong(probs: np.ndarray, labels: np.ndarray, count: int) -> list
     return [int(i) for i in wrong[order][:count]]
 
 
+def errors_table(probs: np.ndarray, labels: np.ndarray, files: list[str],
+                 class_names: list[str]) -> pd.DataFrame:
+    """Every misclassified image with its true and predicted class, the confidence of the
+    prediction and the image's loss (-log p(true class)), highest loss first: the files most
+    worth a look when cleaning labels."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.nonzero(predicted != labels)[0]
+    true_p = np.clip(probs[wrong, labels[wrong]].astype(np.float64), 1e-12, 1.0)
+    frame = pd.DataFrame({
+        "path": [files[i] for i in wrong],
+        "true_label": [class_names[labels[i]] for i in wrong],
+        "predicted_label": [class_names[predicted[i]] for i in wrong],
+        "confidence": np.round(probs[wrong, predicted[wrong]].astype(np.float64), 6),
+        "loss": np.round(-np.log(true_p), 6),
+    })
+    return frame.sort_values(["loss", "path"], ascending=[False, True]).reset_index(drop=True)
+
+
 def parity(reference: np.ndarray, probs: np.ndarray) -> dict:
     """How far another format's probabilities are from the reference's: top-1 agreement and
     the largest absolute difference."""
     return {"top1_agreement": round(float((reference.argmax(1) == probs.argmax(1)).mean()), 6),
             "max_abs_diff": float(np.abs(reference - probs).max()) if len(probs) else 0.0}
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Logits up to a per-row constant, which the softmax ignores."""
+    return np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
+
+
+def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities the same logits give at `temperature` (softmax(log p / T))."""
+    z = log_probs(probs) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    scaled = with_temperature(probs, temperature)
+    return float(-np.log(np.clip(scaled[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+
+
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. (2017)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> pd.DataFrame:
+    """Per confidence bin: its range, how many predictions fall in it, their mean confidence
+    and their accuracy. A calibrated model's accuracy equals its confidence in every bin."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 joins the first bin.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    rows = []
+    for i in range(bins):
+        members = index == i
+        count = int(members.sum())
+        rows.append({"lower": edges[i], "upper": edges[i + 1], "count": count,
+                     "confidence": float(confidence[members].mean()) if count else np.nan,
+                     "accuracy": float(correct[members].mean()) if count else np.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+    """Sum over bins of (bin share of predictions) x |accuracy - mean confidence|."""
+    table = reliability(probs, labels, bins)
+    filled = table[table["count"] > 0]
+    if filled.empty:
+        return 0.0
+    gaps = (filled["accuracy"] - filled["confidence"]).abs()
+    return float((filled["count"] * gaps).sum() / filled["count"].sum())

@@ -40,6 +40,8 @@ class PrepareParams(_Section):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     min_side: int = Field(32, ge=1)
     workers: int = Field(0, ge=0)
+    near_duplicate_distance: int | None = Field(4, ge=0, le=32)
+    near_duplicate_conflicts: Literal["exclude", "keep"] = "exclude"
 
 
 class SplitParams(_Section):
@@ -91,6 +93,7 @@ class TrainParams(_Section):
     cache_features: bool = True
     cache_views: int = Field(1, ge=1, le=16)
     resume: bool = True
+    calibrate: bool = True
     deterministic: bool = False
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     strategy: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"

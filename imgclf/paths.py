@@ -28,6 +28,8 @@ TRAIN_CURVES = REPORTS_DIR / "train_curves.png"
 METRICS = REPORTS_DIR / "metrics.json"
 PER_CLASS = REPORTS_DIR / "per_class.csv"
 CONFUSED_PAIRS = REPORTS_DIR / "confused_pairs.csv"
+# Every misclassified test image, worst first: the list to check labels from.
+ERRORS_CSV = REPORTS_DIR / "errors.csv"
 CONFUSION_CSV = REPORTS_DIR / "plots" / "confusion.csv"
 EVAL_FIGURES = REPORTS_DIR / "figures"
 EXPORT_DIR = MODELS_DIR / "export"

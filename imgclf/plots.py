@@ -116,3 +116,30 @@ def image_grid(images: list[np.ndarray], captions: list[str], title: str,
             ax.set_title(captions[i], fontsize=8)
     fig.suptitle(title, fontsize=11)
     return _png(fig)
+
+
+def reliability_diagram(before, after, ece_before: float, ece_after: float,
+                        temperature: float) -> bytes:
+    """Accuracy against confidence per bin (tables from `metrics.reliability`), before and
+    after temperature scaling: a calibrated model's bars touch the diagonal."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    panels = ((axes[0], before, f"uncalibrated (T = 1): ECE {ece_before:.3f}"),
+              (axes[1], after, f"temperature {temperature:.2f}: ECE {ece_after:.3f}"))
+    for ax, table, title in panels:
+        width = float(table["upper"].iloc[0] - table["lower"].iloc[0])
+        filled = table[table["count"] > 0]
+        ax.bar(filled["lower"], filled["accuracy"], width=width, align="edge",
+               color="tab:blue", edgecolor="black", alpha=0.8, label="accuracy")
+        ax.bar(filled["lower"], filled["confidence"] - filled["accuracy"],
+               bottom=filled["accuracy"], width=width, align="edge", color="tab:red",
+               alpha=0.25, edgecolor="tab:red", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy on the test split")
+    axes[1].legend(loc="upper left", fontsize=8)
+    fig.suptitle("Reliability diagram", fontsize=11)
+    return _png(fig)

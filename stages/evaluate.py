@@ -5,16 +5,16 @@ never for early stopping or model choice. The registered version that `train` ma
 as `mlflow models serve` loads it, and each test file goes through it as a client sends it
 (base64 bytes): the test metrics are those of what serves. The Keras model's own numbers and
 its agreement with the served format are reported beside them. Writes reports/metrics.json
-(DVC metrics), reports/per_class.csv, reports/confused_pairs.csv, reports/plots/confusion.csv
-(DVC confusion plot) and reports/figures/*.png; logs them to the training run in MLflow and
-tags the registered version with the test metrics (what the promotion gate compares).
+(DVC metrics), reports/per_class.csv, reports/confused_pairs.csv, reports/errors.csv (every
+misclassified file, worst first), reports/plots/confusion.csv (DVC confusion plot) and
+reports/figures/*.png (reliability.png: calibration before and after the temperature); logs
+them to the training run in MLflow, tags the registered version with the test metrics (what
+the promotion gate compares) and writes its model card.
 """
 
 from __future__ import annotations
 
-import json
-
-from imgclf import paths
+from imgclf import io, paths
 from imgclf.errors import UserError, exits_cleanly
 from imgclf.params import load_params
 
@@ -24,33 +24,32 @@ def main() -> None:
     params = load_params()
     if not paths.TRAIN_REPORT.is_file() or not paths.MODEL_FILE.is_file():
         raise UserError("no trained model: run the train stage first (dvc repro train)")
+    from imgclf.cards import model_card
     from imgclf.data.manifests import read_classes, read_manifest
-    from imgclf.reports import served_and_keras, test_results, write_evaluation
+    from imgclf.reports import (
+        evaluation_lines,
+        served_and_keras,
+        test_results,
+        write_evaluation,
+    )
     from imgclf.tracking import registry, runs, store
 
     classes = read_classes()
     files, labels = read_manifest("test", classes)
-    train_report = json.loads(paths.TRAIN_REPORT.read_text(encoding="utf-8"))
+    train_report = io.read_json(paths.TRAIN_REPORT)
     uri = registry.version_uri(train_report["registered_model"], train_report["model_version"])
     with registry.served_model(uri) as served:
         probs, keras_summary, fmt = served_and_keras(served, files, labels, classes, params)
-    summary, per_class, matrix, pairs = test_results(probs, labels, classes)
-    artifacts = write_evaluation({**summary, **keras_summary}, per_class, matrix, pairs, probs,
-                                 files, labels, classes, params.model.image_size,
-                                 params.model.resize)
+    summary, per_class, matrix, pairs, reliability = test_results(
+        probs, labels, classes, train_report.get("temperature", 1.0))
+    artifacts = write_evaluation({**summary, **keras_summary}, per_class, matrix, pairs,
+                                 reliability, probs, files, labels, classes,
+                                 params.model.image_size, params.model.resize)
+    card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
+                      train_report, {**summary, **keras_summary}, fmt)
     runs.log_evaluation(store.make_client(), train_report, summary, keras_summary, fmt,
-                        artifacts)
-    print(f"evaluate: {uri} served as {fmt}: test accuracy {summary['accuracy']:.4f}, top-5 "
-          f"{summary['top5_accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f}, "
-          f"log loss {summary['log_loss']:.4f} on {summary['n_test']} images"
-          f"{' (TTA)' if params.evaluate.tta else ''}")
-    if keras_summary:
-        print(f"  the Keras model: accuracy {keras_summary['keras_accuracy']:.4f}, log loss "
-              f"{keras_summary['keras_log_loss']:.4f}; top-1 agreement with the served "
-              f"format {keras_summary['served_keras_top1_agreement']:.4f}")
-    if len(pairs):
-        top = pairs.iloc[0]
-        print(f"  most confused: {top['actual']} -> {top['predicted']} ({top['count']}x)")
+                        artifacts, card)
+    print(evaluation_lines(uri, fmt, summary, keras_summary, pairs, params.evaluate.tta))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,18 @@ def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
 
 
+def scene(width: int = 120, height: int = 90, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth random shapes of colour (a bicubic blow-up of a few
+    random pixels) plus sensor-like noise. Unlike `photo`, whose images share one gradient,
+    distinct seeds differ in their large-scale structure, as distinct photos do."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4 + seed % 4, 5 + seed % 3, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height),
+                                                       Image.Resampling.BICUBIC), dtype=int)
+    noisy = smooth + rng.integers(-12, 13, size=smooth.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **kwargs)

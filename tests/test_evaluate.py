@@ -90,3 +90,60 @@ def test_evaluate_stage_writes_reports_and_logs_to_the_training_run(trained_proj
         assert summary["keras_accuracy"] == round(
             float((keras_probs.argmax(1) == labels).mean()), 6)
     assert "served as" in result.stdout
+    assert "calibration: temperature" in result.stdout
+
+    # Calibration numbers, from the same probabilities: the uncalibrated ones are the served
+    # probabilities with the temperature taken back out.
+    temperature = train["temperature"]
+    assert summary["temperature"] == round(temperature, 6)
+    assert summary["ece"] == round(metrics.expected_calibration_error(probs, labels), 6)
+    before = metrics.with_temperature(probs, 1 / temperature)
+    assert summary["ece_uncalibrated"] == round(
+        metrics.expected_calibration_error(before, labels), 6)
+    assert (reports / "figures/reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The list to relabel from: every misclassified test file, worst first.
+    errors = pd.read_csv(reports / "errors.csv", keep_default_na=False,
+                         dtype={"true_label": str, "predicted_label": str})
+    assert list(errors.columns) == ["path", "true_label", "predicted_label", "confidence",
+                                    "loss"]
+    wrong = test[answers["label"].to_numpy() != test["label"].astype(str).to_numpy()]
+    assert sorted(errors["path"]) == sorted(wrong["path"])
+    assert (errors["true_label"] != errors["predicted_label"]).all()
+    assert errors["loss"].is_monotonic_decreasing
+    if len(errors):
+        first = errors.iloc[0]
+        row = test["path"].tolist().index(first["path"])
+        # (the served JSON carries float32 probabilities; the stage had the float64 ones)
+        assert np.isclose(first["loss"], -np.log(probs[row, classes.index(first["true_label"])]),
+                          atol=1e-4)
+        assert np.isclose(first["confidence"], probs[row].max(), atol=1e-5)
+
+
+def test_model_card_and_datasets_of_an_evaluated_version(trained_project):
+    """The registered version describes itself (its page in the MLflow UI, `imgclf models
+    --version`), and the run's datasets carry the data version."""
+    if not (trained_project / "reports/metrics.json").is_file():
+        assert run_module("stages.evaluate", trained_project).returncode == 0
+    train = json.loads((trained_project / "reports/train.json").read_text())
+    summary = json.loads((trained_project / "reports/metrics.json").read_text())
+    uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version(train["registered_model"], str(train["model_version"]))
+    card = version.description
+    assert "random init" in card  # the fixture trains with model.weights: null
+    assert "3 classes, 21 images" in card
+    assert f"| accuracy | {summary['accuracy']:.4f} |" in card
+    assert f"| ece | {summary['ece']:.4f} |" in card
+    assert f"Temperature {train['temperature']:.3f}" in card
+    printed = run_module("imgclf.cli.main", trained_project, "models", "--version",
+                         str(train["model_version"]))
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == card.strip()
+
+    run = client.get_run(train["run_id"])
+    inputs = run.inputs.dataset_inputs
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
+                for i in inputs}
+    assert contexts == {"train": "training", "val": "validation", "test": "testing"}
+    assert {i.dataset.digest for i in inputs} == {run.data.tags["data_version"]}

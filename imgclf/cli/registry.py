@@ -51,6 +51,9 @@ def models(args) -> int:
 
     from imgclf.tracking import registry
 
+    if args.version or args.card:
+        print(registry.version_card(_client(), _model_name(args), args.version or None))
+        return 0
     rows = registry.versions_table(_client(), _model_name(args))
     print(pd.DataFrame(rows).to_string(index=False) if rows else "no versions")
     return 0
@@ -72,5 +75,8 @@ def add_parsers(sub) -> None:
     r = sub.add_parser("rollback", help="move an alias back to its previous holder")
     r.add_argument("--name")
     r.add_argument("--alias", default="production")
-    m = sub.add_parser("models", help="versions with their test metrics and aliases")
+    m = sub.add_parser("models", help="versions with their test metrics and aliases; with "
+                                      "--version or --card, one version's model card")
     m.add_argument("--name")
+    m.add_argument("--version", help="print this version's model card")
+    m.add_argument("--card", action="store_true", help="print the newest version's model card")

@@ -19,7 +19,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from imgclf import paths
-from imgclf.data.images import ImageRejected, inspect_image, is_ignored, is_image_name
+from imgclf.data.images import ImageRejected, inspect_and_decode, is_ignored, is_image_name
+from imgclf.data.leakage import hamming, near_duplicate_groups, perceptual_hash
 from imgclf.errors import UserError
 from imgclf.params import Params
 from imgclf.paths import SPLITS
@@ -122,11 +123,11 @@ def find_candidates_csv(
 def _inspect(job: tuple[Path, str, int, int]) -> dict:
     path, label, max_pixels, min_side = job
     try:
-        info = inspect_image(path, max_pixels, min_side)
+        info, rgb = inspect_and_decode(path, max_pixels, min_side)
     except ImageRejected as err:
         return _skip(path, err.reason, err.detail)
     return {"path": _rel(path), "label": label, "sha256": info.sha256,
-            "width": info.width, "height": info.height}
+            "width": info.width, "height": info.height, "phash": perceptual_hash(rgb)}
 
 
 def inspect_all(
@@ -185,6 +186,40 @@ def deduplicate(records: list[dict]) -> tuple[list[dict], list[dict], list[dict]
     return kept, duplicates, conflicts, skipped
 
 
+def group_near_duplicates(records: list[dict], max_distance: int | None,
+                          conflicts: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Near-duplicate groups among `records` (exact duplicates already removed).
+
+    Each record of a group gets the group's number (`near_duplicate_group`), which
+    `assign_splits` keeps in one split. A group spanning two labels is a suspected label
+    conflict: with `conflicts="exclude"` its images are skipped. Returns (records,
+    groups for the report, skipped).
+    """
+    if max_distance is None:
+        return records, [], []
+    found = near_duplicate_groups([r["phash"] for r in records], max_distance)
+    report, excluded, skipped = [], set(), []
+    for number, members in enumerate(sorted(found, key=lambda g: records[g[0]]["path"])):
+        group = sorted((records[i] for i in members), key=lambda r: r["path"])
+        labels = sorted({r["label"] for r in group})
+        conflict = len(labels) > 1
+        entry = {"group": number, "labels": labels, "paths": [r["path"] for r in group],
+                 "max_distance": max(hamming(a["phash"], b["phash"])
+                                     for a in group for b in group),
+                 "label_conflict": conflict,
+                 "excluded": conflict and conflicts == "exclude"}
+        report.append(entry)
+        if entry["excluded"]:
+            excluded.update(members)
+            skipped += [_skip(r["path"], "near_duplicate_label_conflict",
+                              f"near-duplicate labelled {', '.join(labels)}") for r in group]
+        else:
+            for i in members:
+                records[i] = {**records[i], "near_duplicate_group": number}
+    kept = [r for i, r in enumerate(records) if i not in excluded]
+    return kept, report, skipped
+
+
 def _split_key(seed: int, sha256: str) -> str:
     return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
 
@@ -200,10 +235,19 @@ def assign_splits(records: list[dict], val: float, test: float, seed: int) -> di
     test, the next `val` fraction is val, the rest train. The cuts are cumulative
     (round(n*test), round(n*(test+val))), so adding one image moves each cut by at most
     one place: at most one existing image changes split per cut.
+
+    Near-duplicates (records sharing `near_duplicate_group`) move as one unit: the unit takes
+    the place of its first member in that order (and its class), and all of it goes to the
+    split where that place falls. A lone image is a unit of one, split as above.
     """
-    by_class: dict[str, list[dict]] = defaultdict(list)
+    units: dict[object, list[dict]] = defaultdict(list)
     for record in records:
-        by_class[record["label"]].append(record)
+        group = record.get("near_duplicate_group")
+        units[("group", group) if group is not None else ("image", id(record))].append(record)
+    by_class: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
+    for members in units.values():
+        first = min(members, key=lambda r: _split_key(seed, r["sha256"]))
+        by_class[first["label"]].append((_split_key(seed, first["sha256"]), members))
     if len(by_class) < 2:
         raise UserError(
             f"only {len(by_class)} class(es) left after validation "
@@ -212,16 +256,20 @@ def assign_splits(records: list[dict], val: float, test: float, seed: int) -> di
     splits: dict[str, list] = {name: [] for name in SPLITS}
     too_small = []
     for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda r: _split_key(seed, r["sha256"]))
-        n = len(members)
+        ordered = sorted(by_class[label], key=lambda unit: unit[0])
+        n = sum(len(members) for _, members in ordered)
         cut_test = max(1, _cut(n, test))
         cut_val = max(cut_test + 1, _cut(n, test + val))
         if cut_val >= n:
             too_small.append(f"{label!r} ({n})")
             continue
-        splits["test"] += members[:cut_test]
-        splits["val"] += members[cut_test:cut_val]
-        splits["train"] += members[cut_val:]
+        place = 0
+        for _, members in ordered:
+            name = "test" if place < cut_test else "val" if place < cut_val else "train"
+            splits[name] += members
+            place += len(members)
+        if place - len(ordered[-1][1]) < cut_val:  # one group ran from val or test to the end
+            too_small.append(f"{label!r} ({n}, near-duplicates of one photo fill every split)")
     if too_small:
         listed = ", ".join(too_small[:5]) + (" ..." if len(too_small) > 5 else "")
         raise UserError(
@@ -264,7 +312,10 @@ def prepare(params: Params, progress: bool = True) -> tuple[dict[str, list[dict]
     records, rejected = inspect_all(candidates, params.prepare.max_pixels,
                                     params.prepare.min_side, params.prepare.workers, progress)
     kept, duplicates, conflicts, conflicted = deduplicate(records)
-    skipped = sorted(skipped + rejected + conflicted, key=lambda s: (s["reason"], s["path"]))
+    kept, near, near_conflicted = group_near_duplicates(
+        kept, params.prepare.near_duplicate_distance, params.prepare.near_duplicate_conflicts)
+    skipped = sorted(skipped + rejected + conflicted + near_conflicted,
+                     key=lambda s: (s["reason"], s["path"]))
     splits = assign_splits(kept, params.split.val, params.split.test, params.split.seed)
     report = {
         "layout": "labels_csv" if data.labels_csv else "folders",
@@ -277,8 +328,16 @@ def prepare(params: Params, progress: bool = True) -> tuple[dict[str, list[dict]
         "skipped": skipped,
         "duplicates": duplicates,
         "conflicts": conflicts,
+        "near_duplicate_distance": params.prepare.near_duplicate_distance,
+        "near_duplicate_groups": _with_splits(near, splits),
     }
     return splits, report
+
+
+def _with_splits(groups: list[dict], splits: dict[str, list[dict]]) -> list[dict]:
+    """Each kept group with the split it went to (one, by construction)."""
+    where = {r["path"]: name for name in SPLITS for r in splits[name]}
+    return [{**g, "split": None if g["excluded"] else where.get(g["paths"][0])} for g in groups]
 
 
 def summary(report: dict) -> str:
@@ -294,6 +353,14 @@ def summary(report: dict) -> str:
                      f"largest {per_class[-1][0]} ({per_class[-1][1]})")
     dropped = sum(len(d["dropped"]) for d in report["duplicates"])
     lines.append(f"  duplicates dropped {dropped}  label conflicts {len(report['conflicts'])}")
+    groups = report.get("near_duplicate_groups", [])
+    if report.get("near_duplicate_distance") is not None:
+        conflicted = [g for g in groups if g["label_conflict"]]
+        lines.append(
+            f"  near-duplicates {len(groups)} group(s) of {sum(len(g['paths']) for g in groups)}"
+            f" images, each kept in one split; suspected label conflicts {len(conflicted)}"
+            + (f" ({'excluded' if conflicted[0]['excluded'] else 'kept'}, e.g. "
+               f"{' vs '.join(conflicted[0]['paths'][:2])})" if conflicted else ""))
     if report["skipped"]:
         lines.append(f"  skipped {len(report['skipped'])} file(s):")
         for reason, count in report["skipped_by_reason"].items():

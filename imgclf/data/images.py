@@ -126,6 +126,13 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 def inspect_image(path: Path, max_pixels: int, min_side: int) -> ImageInfo:
     """Read, hash and fully decode one file; raise ImageRejected with the reason if unusable."""
+    return inspect_and_decode(path, max_pixels, min_side)[0]
+
+
+def inspect_and_decode(path: Path, max_pixels: int,
+                       min_side: int) -> tuple[ImageInfo, Image.Image]:
+    """`inspect_image`, also returning the decoded RGB image (for `prepare`'s perceptual
+    hash, so each file is decoded once)."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -138,7 +145,7 @@ def inspect_image(path: Path, max_pixels: int, min_side: int) -> ImageInfo:
     width, height = rgb.size
     if min(width, height) < min_side:
         raise ImageRejected("too_small", f"{width}x{height}, a side below min_side {min_side}")
-    return ImageInfo(sha256=digest, width=width, height=height, format=fmt, mode=mode)
+    return ImageInfo(sha256=digest, width=width, height=height, format=fmt, mode=mode), rgb
 
 
 # Pad colour for `resize: pad`: mid-grey maps to ~0 after InceptionResNetV2's [-1, 1] scaling,

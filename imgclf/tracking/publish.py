@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from imgclf import io, paths
+from imgclf.cards import model_card
 from imgclf.errors import ServiceLost, UserError
 from imgclf.params import Params, load_params
 from imgclf.tracking import store
@@ -110,7 +111,8 @@ def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tupl
     return ({"tflite_model": str(path)} if path else {}), fmt
 
 
-def log_model(client, run_id: str, params: Params, timings: dict) -> dict:
+def log_model(client, run_id: str, params: Params, timings: dict,
+              calibration: dict | None = None) -> dict:
     """Artifacts and timings to the run; the pyfunc logged and registered as a new version."""
     import mlflow
     import pandas as pd
@@ -123,6 +125,8 @@ def log_model(client, run_id: str, params: Params, timings: dict) -> dict:
             client.log_artifact(run_id, str(path))
     for key, value in timings.items():
         client.log_metric(run_id, key, value)
+    for key, value in (calibration or {}).items():
+        client.log_metric(run_id, f"calibration_{key}", value)
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
@@ -165,7 +169,13 @@ def publish(client, params: Params, pending: dict) -> dict:
             EpochLog(client, run_id).send([r for r in pending["history"]
                                            if r["epoch"] >= pending["first_unsent_epoch"]])
             pending = {**pending, "first_unsent_epoch": None}
-        model_info = log_model(client, run_id, params, pending["timings"])
+        model_info = log_model(client, run_id, params, pending["timings"],
+                               pending["outputs"].get("calibration"))
+        # The card without its test section until evaluate measures the served model.
+        card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
+                          pending["outputs"])
+        client.update_model_version(params.mlflow.model_name, str(model_info["version"]),
+                                    description=card)
     except TRACKING_ERRORS as err:
         io.write_json(paths.MLFLOW_PENDING, pending)
         raise ServiceLost(

@@ -32,7 +32,8 @@ class GateFailed(Exception):
 
 
 def lower_is_better(metric: str) -> bool:
-    return "loss" in metric or "error" in metric
+    # test_ece: expected calibration error
+    return "loss" in metric or "error" in metric or metric.removeprefix("test_").startswith("ece")
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def resolve_version(client: MlflowClient, name: str, version: str | None) -> str
     numbers = sorted(int(v.version) for v in versions)
     if version is None:
         return str(numbers[-1])
-    if int(version) not in numbers:
+    if not str(version).isdigit() or int(version) not in numbers:
         raise UserError(f"{name} has no version {version} (versions: "
                         f"{', '.join(map(str, numbers))})")
     return str(version)
@@ -201,6 +202,13 @@ def versions_table(client: MlflowClient, name: str) -> list[dict]:
                 "%Y-%m-%d %H:%M"),
         })
     return rows
+
+
+def version_card(client: MlflowClient, name: str, version: str | None) -> str:
+    """The model card (description) of one version; the newest when `version` is None."""
+    version = resolve_version(client, name, version)
+    card = client.get_model_version(name, version).description
+    return card or f"{name} version {version} has no model card (registered before cards)"
 
 
 def version_uri(name: str, version: str | int) -> str:

@@ -67,7 +67,34 @@ def start_or_resume(client, params: Params, saved_run_id: str | None) -> tuple[s
         run_id = client.create_run(experiment_id, run_name=store.run_name(commit),
                                    tags=store.run_tags(commit, dirty)).info.run_id
     _log_params(client, run_id, params)
+    log_datasets(client, run_id)
     return run_id, False
+
+
+# MLflow's dataset contexts, by split: the runs table's "Dataset" column shows them.
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_datasets(client, run_id: str) -> None:
+    """The three manifests as MLflow datasets. Their digest is the run's `data_version` tag,
+    so runs trained on the same prepared data show the same datasets in the UI."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from imgclf import paths
+
+    version = store.data_version()
+    inputs = []
+    for split, context in DATASET_CONTEXTS.items():
+        manifest = paths.manifest(split)
+        frame = pd.read_csv(manifest, dtype={"label": str}, keep_default_na=False)
+        dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
+                                          name=split, digest=version)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                   tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def mark_killed(client, run_id: str) -> None:
@@ -105,9 +132,10 @@ class EpochLog:
 
 
 def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dict,
-                   served_format: str, artifacts: list[Path]) -> None:
+                   served_format: str, artifacts: list[Path], card: str) -> None:
     """Test metrics of the served model as `test_*` on the training run and as tags on its
-    model version (the promotion gate reads those); the Keras model's numbers beside them."""
+    model version (the promotion gate reads those); the Keras model's numbers beside them;
+    the model card, now with its test section, as the version's description."""
     run_id = train_report["run_id"]
     for key, value in {**summary, **keras_summary}.items():
         client.log_metric(run_id, f"test_{key}", float(value))
@@ -118,6 +146,7 @@ def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dic
         for key, value in summary.items():
             client.set_model_version_tag(name, str(version), f"test_{key}", str(value))
         client.set_model_version_tag(name, str(version), "test_served_format", served_format)
+        client.update_model_version(name, str(version), description=card)
 
 
 def log_export(client, run_id: str, report_path: Path, formats: dict[str, dict]) -> None:

@@ -102,6 +102,24 @@ def weights_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def calibrate(model, data, params: Params) -> dict:
+    """Fit the temperature on the validation split (the best weights are loaded by now) and
+    bake it into `model`; returns T and the validation log loss before and after."""
+    from imgclf.model.calibration import bake_temperature, fit_temperature, nll
+
+    batches = data.make_images(data.val_files, data.val_labels, False, None)
+    probs = model.predict(batches.map(lambda x, y: x), verbose=0)
+    temperature = fit_temperature(probs, data.val_labels)
+    bake_temperature(model, temperature)
+    result = {"temperature": round(temperature, 6),
+              "val_log_loss_before": round(nll(probs, data.val_labels), 6),
+              "val_log_loss_after": round(nll(probs, data.val_labels, temperature), 6)}
+    print(f"train: temperature {temperature:.3f} fitted on {len(data.val_labels)} validation "
+          f"images: their log loss {result['val_log_loss_before']:.4f} -> "
+          f"{result['val_log_loss_after']:.4f}, every top-1 answer unchanged")
+    return result
+
+
 def write_reports(params: Params, state, timings: dict) -> dict:
     """The stage's history, curves and best-epoch metrics; returns what train.json adds."""
     import pandas as pd
@@ -236,10 +254,12 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     if not role.is_chief:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return {"weights_digest": digest, "worker": role.index}
+    calibration = calibrate(classifier.model, data, params) if params.train.calibrate else {}
     with io.replacing(paths.MODEL_FILE) as tmp:
         classifier.model.save(tmp)
     outputs = write_reports(params, state, timings)
-    outputs.update(strategy=role.strategy_name, workers=role.num_workers, weights_digest=digest)
+    outputs.update(strategy=role.strategy_name, workers=role.num_workers, weights_digest=digest,
+                   temperature=calibration.get("temperature", 1.0), calibration=calibration)
     # Everything MLflow still has to receive, on disk before the first call that could fail:
     # a server lost now (or a kill) costs a `relog`, never the training.
     pending = {"run_id": run_id, "fingerprint": fp, "first_unsent_epoch": log_epoch.first_unsent,

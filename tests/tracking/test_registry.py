@@ -62,6 +62,9 @@ def test_lower_is_better_and_min_delta(store):
     with pytest.raises(registry.GateFailed):  # 0.4 beats 0.8 by 0.4 < 0.5
         registry.promote(client, "dogs", "2", "staging", "test_log_loss", 0.5, False)
     assert registry.promote(client, "dogs", "2", "staging", "test_log_loss", 0.3, False).promoted
+    assert registry.lower_is_better("test_ece")
+    assert registry.lower_is_better("test_ece_uncalibrated")
+    assert not registry.lower_is_better("test_accuracy")
 
 
 def imgclf(cwd: Path, uri: str, *args: str):

@@ -1,0 +1,72 @@
+"""The model card of a registered version: what the pipeline knows about the model, written
+as Markdown for the version's page in the MLflow UI (its description) and `imgclf models
+--version N`. A pure function of the reports: no model, no MLflow."""
+
+from __future__ import annotations
+
+from imgclf.params import Params
+
+# What the card shows of params: the settings that decide what the model is.
+CARD_PARAMS = ("model.image_size", "model.weights", "model.resize", "train.head_epochs",
+               "train.finetune_epochs", "train.head_lr", "train.finetune_lr", "train.unfreeze",
+               "train.optimizer", "train.lr_schedule", "train.batch_size", "train.calibrate")
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(params: Params, data_version: str, prepare: dict, train: dict,
+               evaluation: dict | None = None, served_format: str | None = None) -> str:
+    """Markdown. `prepare`: reports/prepare.json; `train`: reports/train.json (or what train
+    knows before writing it); `evaluation`: reports/metrics.json once evaluate has run."""
+    flat = params.flat()
+    sizes = prepare.get("split_sizes", {})
+    lines = [f"# {params.mlflow.model_name}: InceptionResNetV2 image classifier", ""]
+    if params.model.weights is None:
+        lines += ["> **Warning: `model.weights` was null (random init).** This version was not "
+                  "trained from ImageNet weights: a pipeline check or demo, not a model to "
+                  "serve.", ""]
+    lines += [
+        "## Data",
+        f"- data version `{data_version}` (hash of the prepared manifests; the runs' "
+        "`data_version` tag and dataset digest)",
+        f"- {prepare.get('n_classes', '?')} classes, {prepare.get('n_images', '?')} images: "
+        f"train {sizes.get('train', '?')}, validation {sizes.get('val', '?')}, "
+        f"test {sizes.get('test', '?')}",
+    ]
+    skipped = prepare.get("skipped_by_reason") or {}
+    lines.append("- skipped by prepare: " + (", ".join(f"{reason} {count}" for reason, count
+                                                       in skipped.items()) or "none"))
+    groups = prepare.get("near_duplicate_groups")
+    if groups is not None:
+        lines.append(f"- near-duplicate groups kept within one split: {len(groups)}; "
+                     f"suspected label conflicts: "
+                     f"{sum(1 for g in groups if len(g['labels']) > 1)}")
+    lines += ["", "## Training", "| param | value |", "|---|---|"]
+    lines += [f"| `{key}` | {flat[key]} |" for key in CARD_PARAMS if key in flat]
+    if "best_epoch" in train:
+        lines.append(f"\nBest epoch {train['best_epoch']} of {train.get('epochs_run', '?')} by "
+                     f"`{train.get('monitor', '?')}` = {_number(train.get('best_value'))}.")
+    calibration = train.get("calibration") or {}
+    lines += ["", "## Calibration"]
+    if calibration:
+        lines.append(f"Temperature {calibration['temperature']:.3f}, fitted on the validation "
+                     f"split (log loss {calibration['val_log_loss_before']:.4f} -> "
+                     f"{calibration['val_log_loss_after']:.4f}) and baked into the model: "
+                     "its probabilities are calibrated; its top-1 answers are those of the "
+                     "uncalibrated network.")
+    else:
+        lines.append("None (`train.calibrate: false`): probabilities are the network's own.")
+    lines += ["", "## Test split (held out: never used for training or model choice)"]
+    if evaluation is None:
+        lines.append("Not evaluated yet: the evaluate stage writes this section.")
+    else:
+        lines += [f"Measured on the model as served ({served_format}), from the test files' "
+                  "bytes.", "", "| metric | value |", "|---|---|"]
+        shown = ("accuracy", "top5_accuracy", "macro_f1", "log_loss", "log_loss_uncalibrated",
+                 "ece", "ece_uncalibrated", "n_test", "keras_accuracy",
+                 "served_keras_top1_agreement")
+        lines += [f"| {key} | {_number(evaluation[key])} |" for key in shown
+                  if key in evaluation]
+    return "\n".join(lines) + "\n"
