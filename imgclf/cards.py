@@ -12,6 +12,15 @@ CARD_PARAMS = ("model.image_size", "model.weights", "model.resize", "train.head_
                "train.optimizer", "train.lr_schedule", "train.batch_size", "train.calibrate")
 
 
+def _yaml(value) -> str:
+    """A param as params.yaml writes it (null, true), not as Python prints it (None, True)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -44,7 +53,7 @@ def model_card(params: Params, data_version: str, prepare: dict, train: dict,
                      f"suspected label conflicts: "
                      f"{sum(1 for g in groups if len(g['labels']) > 1)}")
     lines += ["", "## Training", "| param | value |", "|---|---|"]
-    lines += [f"| `{key}` | {flat[key]} |" for key in CARD_PARAMS if key in flat]
+    lines += [f"| `{key}` | {_yaml(flat[key])} |" for key in CARD_PARAMS if key in flat]
     if "best_epoch" in train:
         lines.append(f"\nBest epoch {train['best_epoch']} of {train.get('epochs_run', '?')} by "
                      f"`{train.get('monitor', '?')}` = {_number(train.get('best_value'))}.")

@@ -17,7 +17,6 @@ AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
-BEST_WEIGHTS = CHECKPOINTS_DIR / "best.weights.h5"
 RESUME_DIR = CHECKPOINTS_DIR / "last"
 # Written only when the tracking server went away: what `imgclf relog` still has to send.
 MLFLOW_PENDING = MODELS_DIR / "mlflow_pending.json"

@@ -110,6 +110,18 @@ def write_evaluation(summary, per_class, matrix, pairs, reliability_png, probs, 
             *[paths.EVAL_FIGURES / name for name in figures]]
 
 
+def training_pictures() -> list:
+    """The training curves, drawn from the history train wrote, and the augmentation preview:
+    pictures of the training run, made here so that restyling them never retrains."""
+    import pandas as pd
+
+    from imgclf import plots
+
+    history = pd.read_csv(paths.TRAIN_HISTORY).to_dict("records")
+    io.write_bytes(paths.TRAIN_CURVES, plots.training_curves(history))
+    return [p for p in (paths.TRAIN_CURVES, paths.AUGMENT_PREVIEW) if p.is_file()]
+
+
 def evaluation_lines(uri: str, fmt: str, summary: dict, keras_summary: dict, pairs,
                      tta: bool) -> str:
     """What evaluate prints: the served numbers, calibration, the Keras model beside them."""

@@ -7,7 +7,8 @@ as `mlflow models serve` loads it, and each test file goes through it as a clien
 its agreement with the served format are reported beside them. Writes reports/metrics.json
 (DVC metrics), reports/per_class.csv, reports/confused_pairs.csv, reports/errors.csv (every
 misclassified file, worst first), reports/plots/confusion.csv (DVC confusion plot) and
-reports/figures/*.png (reliability.png: calibration before and after the temperature); logs
+reports/figures/*.png (reliability.png: calibration before and after the temperature) and
+reports/train_curves.png (from train's history); logs
 them to the training run in MLflow, tags the registered version with the test metrics (what
 the promotion gate compares) and writes its model card.
 """
@@ -30,6 +31,7 @@ def main() -> None:
         evaluation_lines,
         served_and_keras,
         test_results,
+        training_pictures,
         write_evaluation,
     )
     from imgclf.tracking import registry, runs, store
@@ -48,7 +50,7 @@ def main() -> None:
     card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
                       train_report, {**summary, **keras_summary}, fmt)
     runs.log_evaluation(store.make_client(), train_report, summary, keras_summary, fmt,
-                        artifacts, card)
+                        artifacts, card, training_pictures())
     print(evaluation_lines(uri, fmt, summary, keras_summary, pairs, params.evaluate.tta))
 
 

@@ -2,7 +2,7 @@
 
 Reads params sections model, augment, train, mlflow (and prepare.max_pixels for serving).
 Writes models/model.keras, reports/train.json, reports/train_metrics.json,
-reports/plots/train_history.csv and reports/train_curves.png. An interrupted run resumes
+reports/plots/train_history.csv (evaluate draws its curves). An interrupted run resumes
 from its last completed epoch (models/checkpoints/last/) into the same MLflow run.
 """
 

@@ -54,6 +54,10 @@ def test_evaluate_stage_writes_reports_and_logs_to_the_training_run(trained_proj
     assert run.data.metrics["test_log_loss"] == summary["log_loss"]
     logged = {a.path for a in client.list_artifacts(train["run_id"], "evaluation")}
     assert "evaluation/metrics.json" in logged and "evaluation/confusion_matrix.png" in logged
+    # The training run's own pictures, drawn or copied here (restyling them never retrains).
+    at_root = {a.path for a in client.list_artifacts(train["run_id"])}
+    assert {"train_curves.png", "augment_preview.png"} <= at_root
+    assert (reports / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     version = client.get_model_version(train["registered_model"], str(train["model_version"]))
     assert float(version.tags["test_accuracy"]) == summary["accuracy"]
 

@@ -46,6 +46,15 @@ def test_readme_walkthrough(dvc_repo):
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "baseline"], repo)
 
+    # What does not change the training does not retrain: the preview's params and the
+    # plotting code rerun the preview and evaluate (which draws the curves), never train.
+    set_params(repo, augment__preview_images=3, augment__seed=11)
+    with (repo / "imgclf/plots.py").open("a") as plots:
+        plots.write("\n# restyled\n")
+    stale = json.loads(sh(["dvc", "status", "--json"], repo).stdout)
+    assert {"augment_preview", "evaluate"} <= set(stale) and "train" not in stale, stale
+    sh(["git", "checkout", "params.yaml", "imgclf/plots.py"], repo)
+
     # Two experiments. The first through the MLproject's train entry point, which logs into
     # the run `mlflow run` opens (no empty wrapper run); the second in a temporary copy under
     # .dvc/tmp/exps/, which must still log to the repository's own MLflow store.

@@ -82,6 +82,14 @@ class Classifier:
     model: keras.Model
     base: keras.Model
     head_layers: list[keras.layers.Layer]
+    _head: keras.Model | None = None
+
+    def head(self) -> keras.Model:
+        """The head alone (one model, built once): what phase 1 changes, and so all that its
+        checkpoints need to hold (kilobytes, not the base's 54M weights)."""
+        if self._head is None:
+            self._head = self.feature_head()
+        return self._head
 
     def feature_head(self) -> keras.Model:
         """Pooled base features -> class probabilities, sharing the full model's head weights."""

@@ -119,8 +119,7 @@ def log_model(client, run_id: str, params: Params, timings: dict,
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    for path in (paths.TRAIN_CURVES, paths.TRAIN_HISTORY, paths.CLASSES_JSON,
-                 paths.AUGMENT_PREVIEW, paths.TRAIN_METRICS):
+    for path in (paths.TRAIN_HISTORY, paths.CLASSES_JSON, paths.TRAIN_METRICS):
         if path.is_file():
             client.log_artifact(run_id, str(path))
     for key, value in timings.items():

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
@@ -45,12 +46,9 @@ def start_or_resume(client, params: Params, saved_run_id: str | None) -> tuple[s
     """(run_id, resumed). A resumed training continues in its own MLflow run; under
     `mlflow run` a new training logs into the run it opened (MLFLOW_RUN_ID)."""
     if saved_run_id:
-        try:
-            client.get_run(saved_run_id)
-            client.update_run(saved_run_id, status="RUNNING")
-            return saved_run_id, True
-        except MlflowException:
-            pass
+        _check_resumable(client, saved_run_id)
+        client.update_run(saved_run_id, status="RUNNING")
+        return saved_run_id, True
     commit, dirty = store.git_state()
     adopted = os.environ.get(MLFLOW_RUN_ID)
     if adopted:
@@ -90,11 +88,38 @@ def log_datasets(client, run_id: str) -> None:
     for split, context in DATASET_CONTEXTS.items():
         manifest = paths.manifest(split)
         frame = pd.read_csv(manifest, dtype={"label": str}, keep_default_na=False)
-        dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
-                                          name=split, digest=version)
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
-                                   tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        with warnings.catch_warnings():
+            # MLflow's notes on resolving a local path and on integer columns (width,
+            # height) concern it, not the user.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()),
+                                              targets="label", name=split, digest=version)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                       tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     client.log_inputs(run_id, datasets=inputs)
+
+
+def _check_resumable(client, run_id: str) -> None:
+    """A resume continues its own run; one deleted since stops the stage and says how to go
+    on, rather than a new run quietly holding half a history."""
+    from imgclf import paths
+    from imgclf.errors import UserError
+
+    fresh = (f"or set train.resume=false (or delete {paths.RESUME_DIR}) to train from scratch "
+             "in a new run")
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"the interrupted training in {paths.RESUME_DIR} logs to MLflow run "
+                        f"{run_id}, which {store.tracking_uri()} does not have (deleted for "
+                        f"good, or another tracking store): point MLFLOW_TRACKING_URI at its "
+                        f"store, {fresh}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(f"the interrupted training in {paths.RESUME_DIR} logs to MLflow run "
+                        f"{run_id}, which was deleted: restore it (`mlflow runs restore "
+                        f"--run-id {run_id}`) to resume there, {fresh}")
 
 
 def mark_killed(client, run_id: str) -> None:
@@ -123,6 +148,15 @@ class EpochLog:
                   f"({first_line(err)}); training goes on and keeps everything on disk",
                   file=sys.stderr)
 
+    def send_missing(self, history: list[dict]) -> None:
+        """On resume: the epochs the resume state holds that the run does not (the process
+        died between saving an epoch and logging it). Epochs already there are not sent
+        again, so every epoch is in the run once."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+        missing = [row for row in history if row["epoch"] not in logged]
+        if missing:
+            self.send(missing)
+
     def send(self, rows: list[dict]) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, r["epoch"]) for r in rows
@@ -132,7 +166,8 @@ class EpochLog:
 
 
 def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dict,
-                   served_format: str, artifacts: list[Path], card: str) -> None:
+                   served_format: str, artifacts: list[Path], card: str,
+                   pictures: list[Path] = ()) -> None:
     """Test metrics of the served model as `test_*` on the training run and as tags on its
     model version (the promotion gate reads those); the Keras model's numbers beside them;
     the model card, now with its test section, as the version's description."""
@@ -141,6 +176,8 @@ def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dic
         client.log_metric(run_id, f"test_{key}", float(value))
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    for path in pictures:  # the training curves and augmentation preview, at the run's root
+        client.log_artifact(run_id, str(path))
     name, version = train_report.get("registered_model"), train_report.get("model_version")
     if name and version:
         for key, value in summary.items():

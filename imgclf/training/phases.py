@@ -221,23 +221,61 @@ class TrackerState:
     best_epoch: int | None = None
     wait: int = 0                       # epochs without improvement in the current phase
     history: list[dict] = field(default_factory=list)
+    best_scope: str = "full"            # what the best epoch's weights file holds: head | full
+    # ReduceLROnPlateau's counters in the current phase (train.lr_schedule: plateau), so a
+    # resumed run cuts the learning rate when the unbroken one would have.
+    plateau: dict | None = None
+
+
+def changing(phase: str) -> str:
+    """What a phase's epochs change: the head alone in phase 1 (the base is frozen), the
+    whole model after. Checkpoints hold that and no more."""
+    return "head" if phase == "head" else "full"
+
+
+def holding(classifier: Classifier, scope: str) -> keras.Model:
+    """The model whose weights are a checkpoint of `scope`."""
+    return classifier.head() if scope == "head" else classifier.model
+
+
+def load_best(classifier: Classifier, tracker: Tracker) -> None:
+    path = tracker.best_path
+    if path is not None and path.is_file():
+        holding(classifier, tracker.state.best_scope).load_weights(path)
 
 
 class Tracker(keras.callbacks.Callback):
     """Per-epoch bookkeeping shared by both phases (see the module docstring)."""
 
     def __init__(self, classifier: Classifier, state: TrackerState, monitor: str,
-                 patience: int, best_weights_path: Path,
+                 patience: int, checkpoints: Path,
                  hooks: list[Callable[[dict, Tracker], None]]):
         super().__init__()
         self.classifier = classifier
         self.state = state
         self.monitor = monitor
         self.patience = patience
-        self.best_weights_path = best_weights_path
+        self.checkpoints = checkpoints
         self.hooks = hooks
         self.optimizer = None
         self._start = 0.0
+        self.last_row: dict = {}
+
+    def best_file(self, epoch: int, scope: str) -> Path:
+        return self.checkpoints / f"best-{scope}-{epoch:04d}.weights.h5"
+
+    @property
+    def best_path(self) -> Path | None:
+        """The weights of the best epoch the state records, or None before one."""
+        if self.state.best_epoch is None:
+            return None
+        return self.best_file(self.state.best_epoch, self.state.best_scope)
+
+    def prune_best(self) -> None:
+        """Once the state is saved: drop best-weights files it no longer names."""
+        for path in self.checkpoints.glob("best-*.weights.h5"):
+            if path != self.best_path:
+                path.unlink(missing_ok=True)
 
     def improved(self, value: float) -> bool:
         if self.state.best is None:
@@ -258,9 +296,12 @@ class Tracker(keras.callbacks.Callback):
         value = row[self.monitor]
         if not math.isnan(value) and self.improved(value):
             self.state.best, self.state.best_epoch, self.state.wait = value, epoch, 0
-            # Atomic: a kill during the save must not leave a torn "best" for finish().
-            with io.replacing(self.best_weights_path) as tmp:
-                self.classifier.model.save_weights(tmp)
+            # Atomic, and named by epoch: a kill before the resume state records this epoch
+            # leaves the file the state names untouched (the resumed run loads that one).
+            scope = changing(self.state.phase)
+            with io.replacing(self.best_file(epoch, scope)) as tmp:
+                holding(self.classifier, scope).save_weights(tmp)
+            self.state.best_scope = scope
             row["best"] = True
         else:
             self.state.wait += 1
@@ -271,8 +312,39 @@ class Tracker(keras.callbacks.Callback):
             self.state.head_epochs_run += 1
         if self.patience and self.state.wait >= self.patience:
             self.model.stop_training = True
-        for hook in self.hooks:
-            hook(row, self)
+        self.last_row = row
+
+    def callbacks(self, *others: keras.callbacks.Callback) -> list[keras.callbacks.Callback]:
+        """The tracker, the other callbacks, then `_AfterEpoch`: the stage's hooks (resume
+        state, MLflow) see the epoch once every callback is done with it, a learning-rate
+        cut by ReduceLROnPlateau included."""
+        return [self, *others, _AfterEpoch(self, others)]
+
+
+_PLATEAU_FIELDS = ("wait", "best", "cooldown_counter")
+
+
+class _AfterEpoch(keras.callbacks.Callback):
+    def __init__(self, tracker: Tracker, others):
+        super().__init__()
+        self.tracker = tracker
+        self.plateau = next((c for c in others
+                             if isinstance(c, keras.callbacks.ReduceLROnPlateau)), None)
+
+    def on_train_begin(self, logs=None):
+        # After ReduceLROnPlateau's own on_train_begin, which resets its counters.
+        saved = self.tracker.state.plateau
+        if self.plateau is not None and saved and saved.get("phase") == self.tracker.state.phase:
+            for name in _PLATEAU_FIELDS:
+                setattr(self.plateau, name, saved[name])
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.tracker.state
+        if self.plateau is not None:
+            state.plateau = {"phase": state.phase, **{
+                name: float(getattr(self.plateau, name)) for name in _PLATEAU_FIELDS}}
+        for hook in self.tracker.hooks:
+            hook(self.tracker.last_row, self.tracker)
 
 
 # ---------------------------------------------------------------- the two phases
@@ -345,18 +417,25 @@ def run_head_phase(classifier: Classifier, data: Data, train: TrainParams, track
     if optimizer_arrays:
         restore_optimizer(optimizer, model.trainable_variables, optimizer_arrays)
     tracker.optimizer = optimizer
+    # shuffle=False: the datasets shuffle themselves, by epoch (Keras would only warn).
     model.fit(fit_data, validation_data=val_data, epochs=train.head_epochs,
-              initial_epoch=state.epochs_done, class_weight=weights,
-              callbacks=[EpochSeeds(streams), tracker, *_plateau(train)], verbose=2)
+              initial_epoch=state.epochs_done, class_weight=weights, shuffle=False,
+              callbacks=[EpochSeeds(streams), *tracker.callbacks(*_plateau(train))], verbose=2)
 
 
 def start_finetune(classifier: Classifier, tracker: Tracker) -> None:
     """Between the phases: continue from the best weights so far, not the last epoch's."""
     state = tracker.state
-    if state.best_epoch is not None and tracker.best_weights_path.is_file():
-        classifier.model.load_weights(tracker.best_weights_path)
+    load_best(classifier, tracker)
+    if state.best_epoch is not None and state.best_scope == "head":
+        # Phase 2 changes the base: from here the best must be the whole model, or a
+        # fine-tune that never improves would end with its base and phase 1's head. Once.
+        with io.replacing(tracker.best_file(state.best_epoch, "full")) as tmp:
+            classifier.model.save_weights(tmp)
+        state.best_scope = "full"
     state.phase = "finetune"
     state.wait = 0
+    state.plateau = None
 
 
 def run_finetune_phase(classifier: Classifier, data: Data, train: TrainParams,
@@ -378,14 +457,13 @@ def run_finetune_phase(classifier: Classifier, data: Data, train: TrainParams,
     classifier.model.fit(
         fit_data,
         validation_data=data.make_images(data.val_files, data.val_labels, False, None),
-        epochs=end, initial_epoch=state.epochs_done,
+        epochs=end, initial_epoch=state.epochs_done, shuffle=False,
         class_weight=class_weights(data.train_labels, data.num_classes, train.class_weights),
         callbacks=[EpochSeeds(seed_states(classifier.model, *data.random_states())),
-                   tracker, *_plateau(train)], verbose=2)
+                   *tracker.callbacks(*_plateau(train))], verbose=2)
 
 
 def finish(classifier: Classifier, tracker: Tracker) -> None:
     """Leave the full model holding the best weights seen in either phase."""
-    if tracker.state.best_epoch is not None and tracker.best_weights_path.is_file():
-        classifier.model.load_weights(tracker.best_weights_path)
+    load_best(classifier, tracker)
     tracker.state.phase = "done"

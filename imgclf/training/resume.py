@@ -1,6 +1,7 @@
 """Resume state of an interrupted training run: written atomically after every epoch.
 
-models/checkpoints/last/ holds the full model's weights, the current optimizer's variables
+models/checkpoints/last/ holds the weights that change (the head's in phase 1, the full
+model's in phase 2), the current optimizer's variables
 (slots, step counter, learning rate), the tracker state (epochs done, phase, best so far,
 history) and the MLflow run id. A fingerprint of the params and the data guards it: a state
 left by a different configuration is never resumed.
@@ -25,24 +26,31 @@ WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 
 
+# Keys that cannot change what a training computes: the augmentation preview's, and resume.
+NOT_TRAINING = frozenset({"train.resume", "augment.seed", "augment.preview_images",
+                          "augment.preview_views"})
+
+
 def fingerprint(params_flat: dict, data_version: str) -> str:
     relevant = {k: v for k, v in params_flat.items()
-                if k.split(".")[0] in ("model", "augment", "train") and k != "train.resume"}
+                if k.split(".")[0] in ("model", "augment", "train") and k not in NOT_TRAINING}
     blob = json.dumps({"params": relevant, "data": data_version}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def save(directory: Path, model: keras.Model, optimizer_arrays: list[np.ndarray] | None,
          state: TrackerState, fp: str, run_id: str | None,
-         same_weights_as: Path | None = None) -> None:
-    """`same_weights_as`: a weights file already holding `model`'s current weights (the best
-    epoch's, just saved): linked, not written again (all 54M weights: ~2 s an epoch)."""
+         same_weights_as: Path | None = None, scope: str = "full") -> None:
+    """`model`: what changes (`scope` head: the head alone, in phase 1; full: the whole
+    model). `same_weights_as`: a weights file already holding `model`'s current weights (the
+    best epoch's, just saved): linked, not written again (all 54M weights: ~2 s an epoch)."""
     with io.replaced_dir(directory) as staging:
         if same_weights_as is None or not _linked(same_weights_as, staging / WEIGHTS_FILE):
             model.save_weights(staging / WEIGHTS_FILE)
         if optimizer_arrays:
             np.savez(staging / OPTIMIZER_FILE, *optimizer_arrays)
-        meta = {"fingerprint": fp, "run_id": run_id, "state": dataclasses.asdict(state)}
+        meta = {"fingerprint": fp, "run_id": run_id, "scope": scope,
+                "state": dataclasses.asdict(state)}
         (staging / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
@@ -60,6 +68,7 @@ class Saved:
     run_id: str | None
     weights: Path
     optimizer_arrays: list[np.ndarray] | None
+    scope: str = "full"  # head: `weights` holds the head alone (phase 1); full: the model
 
 
 def load(directory: Path, fp: str) -> Saved | None:
@@ -78,4 +87,5 @@ def load(directory: Path, fp: str) -> Saved | None:
         with np.load(directory / OPTIMIZER_FILE) as npz:
             arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
     return Saved(state=TrackerState(**meta["state"]), run_id=meta.get("run_id"),
-                 weights=directory / WEIGHTS_FILE, optimizer_arrays=arrays)
+                 weights=directory / WEIGHTS_FILE, optimizer_arrays=arrays,
+                 scope=meta.get("scope", "full"))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -71,11 +73,13 @@ def make_data(params: Params, classes: list[str]):
                 random_states)
 
 
-def float32_copy(classifier, params: Params, num_classes: int):
-    """The trained model rebuilt under the float32 policy, holding the same weights (mixed
-    precision keeps its variables in float32 already). Mixed precision is a training
+def shipped_copy(classifier, params: Params, num_classes: int):
+    """The trained model rebuilt as it ships, holding the same weights: outside any
+    distribution strategy (calibration and saving then need no other worker), without the
+    optimizer's state (the `.keras` file holds what serves, ~10% less), and under the
+    float32 policy (mixed precision keeps its variables in float32 already: it is a training
     speed-up; the model that ships computes in float32, so evaluation, export and serving
-    give the same answers on every machine, bf16 hardware or not."""
+    give the same answers on every machine, bf16 hardware or not)."""
     import keras
 
     from imgclf.model.network import build_classifier
@@ -121,14 +125,13 @@ def calibrate(model, data, params: Params) -> dict:
 
 
 def write_reports(params: Params, state, timings: dict) -> dict:
-    """The stage's history, curves and best-epoch metrics; returns what train.json adds."""
+    """The stage's history and best-epoch metrics; returns what train.json adds. (The curves
+    are drawn by evaluate: a change to how they look must not retrain.)"""
     import pandas as pd
 
-    from imgclf.plots import training_curves
     from imgclf.tracking.runs import epoch_metrics
 
     io.write_csv(paths.TRAIN_HISTORY, pd.DataFrame(state.history))
-    io.write_bytes(paths.TRAIN_CURVES, training_curves(state.history))
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
     metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epochs_done,
                **({k: round(v, 6) for k, v in epoch_metrics(best).items()} if best else {})}
@@ -154,6 +157,17 @@ def train_and_track(params: Params, client, weights: str | None, strategy=None,
         return _train(params, client, weights, role, strategy_scope)
 
 
+# Fault injection for the kill tests: IMGCLF_KILL_AT=saved:1 (or logged:1) SIGKILLs the
+# process right after epoch 1's resume state was saved (or its metrics logged).
+KILL_AT = "IMGCLF_KILL_AT"
+
+
+def _fault_point(event: str, epoch: int) -> None:
+    if os.environ.get(KILL_AT) == f"{event}:{epoch}":
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
     """The resume state of this configuration with its weights loaded, or None."""
     from imgclf.training import resume
@@ -161,8 +175,10 @@ def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
     saved = resume.load(resume_dir, fp) if enabled else None
     if saved is None:
         return None
+    from imgclf.training.phases import holding
+
     try:
-        classifier.model.load_weights(saved.weights)
+        holding(classifier, saved.scope).load_weights(saved.weights)
     except (OSError, ValueError, KeyError) as err:
         # A checkpoint damaged on disk (the state itself is written atomically): the epochs
         # are lost, the run is not; start clean rather than train on garbage.
@@ -190,10 +206,10 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
         arrays = saved.optimizer_arrays if saved_phase == "head" else None
         run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
                        optimizer_arrays=arrays, timings=timings)
-        start_finetune(classifier, tracker)
-        best = tracker.best_weights_path if state.best_epoch is not None else None
+        start_finetune(classifier, tracker)  # from the best weights, saved whole
         resume.save(resume_dir, classifier.model, None, state, fp, run_id,
-                    same_weights_as=best)  # phase 2 starts from the best weights
+                    same_weights_as=tracker.best_path)
+        tracker.prune_best()
     if state.phase == "finetune":
         arrays = saved.optimizer_arrays if saved_phase == "finetune" else None
         run_finetune_phase(classifier, data, params.train, tracker, optimizer_arrays=arrays)
@@ -206,7 +222,13 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     from imgclf.tracking import runs, store
     from imgclf.tracking.publish import publish
     from imgclf.training import resume
-    from imgclf.training.phases import Tracker, TrackerState, optimizer_state
+    from imgclf.training.phases import (
+        Tracker,
+        TrackerState,
+        changing,
+        holding,
+        optimizer_state,
+    )
 
     keras_setup(params)
     classes = read_classes()
@@ -222,21 +244,32 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
         run_id, resumed = None, saved is not None
     saved = saved if resumed else None
     state = saved.state if saved else TrackerState()
+    log_epoch = runs.EpochLog(client, run_id)
     if saved:
         print(f"train: resuming MLflow run {run_id} after epoch {state.epochs_done} "
               f"({state.phase} phase)")
+        if role.is_chief:
+            log_epoch.send_missing(state.history)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    log_epoch = runs.EpochLog(client, run_id)
 
     def save_resume_state(row, tracker):
-        resume.save(resume_dir, classifier.model, optimizer_state(tracker.optimizer),
+        scope = changing(row["phase"])
+        resume.save(resume_dir, holding(classifier, scope), optimizer_state(tracker.optimizer),
                     tracker.state, fp, run_id,
-                    same_weights_as=tracker.best_weights_path if row["best"] else None)
+                    same_weights_as=tracker.best_path if row["best"] else None, scope=scope)
+        tracker.prune_best()
+        _fault_point("saved", row["epoch"])
 
-    hooks = [log_epoch, save_resume_state] if role.is_chief else [save_resume_state]
+    def log(row, tracker):
+        log_epoch(row, tracker)
+        _fault_point("logged", row["epoch"])
+
+    # Saved first, then logged: a kill between the two leaves an epoch that the resumed run
+    # sends (`send_missing`); logged first, the resumed run would train and log it again.
+    hooks = [save_resume_state, log] if role.is_chief else [save_resume_state]
     tracker = Tracker(classifier, state, params.train.monitor,
                       params.train.early_stopping_patience,
-                      checkpoints / paths.BEST_WEIGHTS.name, hooks=hooks)
+                      checkpoints, hooks=hooks)
     timings: dict = {}
     try:
         _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_id, timings)
@@ -247,23 +280,27 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
     # variable created now would wait forever for workers that have already finished.
     strategy_scope.close()
-    if params.train.precision != "float32":
-        classifier = float32_copy(classifier, params, len(classes))
     digest = weights_digest(classifier.model)
     print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
     if not role.is_chief:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return {"weights_digest": digest, "worker": role.index}
+    classifier = shipped_copy(classifier, params, len(classes))
     calibration = calibrate(classifier.model, data, params) if params.train.calibrate else {}
     with io.replacing(paths.MODEL_FILE) as tmp:
         classifier.model.save(tmp)
     outputs = write_reports(params, state, timings)
-    outputs.update(strategy=role.strategy_name, workers=role.num_workers, weights_digest=digest,
+    # weights_digest: the model.keras file's; trained_weights_digest: before calibration,
+    # what every worker of a distributed run prints.
+    outputs.update(strategy=role.strategy_name, workers=role.num_workers,
+                   weights_digest=weights_digest(classifier.model),
+                   trained_weights_digest=digest,
                    temperature=calibration.get("temperature", 1.0), calibration=calibration)
     # Everything MLflow still has to receive, on disk before the first call that could fail:
     # a server lost now (or a kill) costs a `relog`, never the training.
     pending = {"run_id": run_id, "fingerprint": fp, "first_unsent_epoch": log_epoch.first_unsent,
                "history": state.history, "timings": timings, "outputs": outputs}
     io.write_json(paths.MLFLOW_PENDING, pending)
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    # The model is saved: the checkpoints (resume state, best weights) have served.
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return publish(client, params, pending)

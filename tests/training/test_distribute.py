@@ -80,8 +80,9 @@ def test_two_workers_train_in_sync_and_only_the_chief_logs(tiny_project, tmp_pat
     assert digests[0] == digests[1]  # both replicas hold the same weights
     report = json.loads((tiny_project / "reports/train.json").read_text())
     assert report["strategy"] == "multi_worker" and report["workers"] == 2
+    assert report["trained_weights_digest"] == digests[0]
     saved = keras.models.load_model(tiny_project / "models/model.keras", safe_mode=True)
-    assert weights_digest(saved) == digests[0]
+    assert weights_digest(saved) == report["weights_digest"]
     # Only the chief logged: one run in the store; the worker's checkpoints are gone.
     client = MlflowClient(f"sqlite:///{tiny_project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("imgclf")

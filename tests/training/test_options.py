@@ -23,6 +23,7 @@ from imgclf.training.phases import (
     TrackerState,
     class_weights,
     compile_model,
+    optimizer_state,
     run_finetune_phase,
     run_head_phase,
     start_finetune,
@@ -48,15 +49,17 @@ def with_train(params: Params, **train) -> Params:
                                                             **train})})
 
 
-def head_history(project, params: Params) -> tuple[list[dict], object]:
+def head_history(project, params: Params, state: TrackerState | None = None,
+                 optimizer_arrays=None, hooks=()) -> tuple[list[dict], object]:
     """Phase 1 as the stage runs it; (the history rows the stage logs, the optimizer)."""
     keras_setup(params)
     classes = read_classes()
     data = make_data(params, classes)
     clf = network.build_classifier(params.model, len(classes), None, seed=params.train.seed)
-    tracker = Tracker(clf, TrackerState(), params.train.monitor,
-                      params.train.early_stopping_patience, project / "best.weights.h5", [])
-    run_head_phase(clf, data, params.train, tracker)
+    tracker = Tracker(clf, state or TrackerState(), params.train.monitor,
+                      params.train.early_stopping_patience, project,
+                      list(hooks))
+    run_head_phase(clf, data, params.train, tracker, optimizer_arrays=optimizer_arrays)
     return tracker.state.history, tracker.optimizer
 
 
@@ -104,6 +107,25 @@ def test_plateau_cuts_the_rate_after_patience_epochs_without_progress(tiny_proje
     # Logged at epoch end before the cut of that epoch: epochs 0-2 at 1e-6, the cut after
     # epoch 2 (two epochs without progress), the next after epoch 4.
     assert lrs(history) == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7, 5e-7], rel=1e-5)
+
+
+def test_plateau_cut_and_counters_survive_a_resume(tiny_project, small_base):
+    """Resumed from the state saved in the very epoch of a cut, the run goes on at the cut
+    rate and cuts again when the unbroken run does."""
+    import copy
+
+    params = with_train(load_params(), head_epochs=6, early_stopping_patience=0, head_lr=1e-6,
+                        lr_schedule="plateau", plateau_factor=0.5, plateau_patience=2)
+    saved = {}
+
+    def save(row, tracker):  # what the stage's resume hook saves, when it saves it
+        saved[row["epoch"]] = (copy.deepcopy(tracker.state), optimizer_state(tracker.optimizer))
+
+    unbroken, _ = head_history(tiny_project, params, hooks=[save])
+    assert lrs(unbroken) == pytest.approx([1e-6] * 3 + [5e-7] * 2 + [2.5e-7], rel=1e-5)
+    state, arrays = saved[2]  # the cut came at the end of epoch 2
+    resumed, _ = head_history(tiny_project, params, state=state, optimizer_arrays=arrays)
+    assert lrs(resumed) == pytest.approx(lrs(unbroken), rel=1e-5)
 
 
 @pytest.mark.parametrize(("name", "cls", "setting"), [

@@ -109,7 +109,7 @@ def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
 
     clf = small_model()
     clf.model.compile(optimizer="adam", loss="categorical_crossentropy")
-    tracker = Tracker(clf, TrackerState(), "val_accuracy", 0, tmp_path / "best.weights.h5", [])
+    tracker = Tracker(clf, TrackerState(), "val_accuracy", 0, tmp_path, [])
     tracker.set_model(clf.model)
     head = clf.model.get_layer("head_logits")
     for epoch, val_acc in enumerate([0.5, 0.8]):
@@ -119,11 +119,20 @@ def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
     start_finetune(clf, tracker)
     assert tracker.state.phase == "finetune"
     head.kernel.assign(np.full(head.kernel.shape, 9, "float32"))  # fine-tune makes it worse
+    base_weight = clf.base.weights[0]
+    before = base_weight.numpy().copy()
+    base_weight.assign(before + 1.0)  # ...of the base too
     tracker.on_epoch_begin(2)
     tracker.on_epoch_end(2, {"val_accuracy": 0.1, "accuracy": 0.9, "loss": 0.1})
     finish(clf, tracker)
     assert tracker.state.best_epoch == 1
-    assert float(head.kernel.numpy().mean()) == 1.0  # the head-only weights of epoch 1
+    assert float(head.kernel.numpy().mean()) == 1.0  # the head of epoch 1
+    np.testing.assert_array_equal(base_weight.numpy(), before)  # and the base it had then
+    # Phase 1's checkpoints hold the head alone; the best that phase 2 may fall back on
+    # holds the whole model.
+    assert tracker.best_path == tmp_path / "best-full-0001.weights.h5"
+    assert (tmp_path / "best-head-0001.weights.h5").stat().st_size < \
+        tracker.best_path.stat().st_size / 4
 
 
 def _history(project):
@@ -153,8 +162,7 @@ def test_train_stage_logs_and_registers_in_mlflow(trained_project):
     for name in ("accuracy", "top5_accuracy", "loss", "val_loss", "learning_rate"):
         assert client.get_metric_history(run.info.run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"train_curves.png", "train_history.csv", "classes.json",
-            "train_metrics.json"} <= artifacts
+    assert {"train_history.csv", "classes.json", "train_metrics.json"} <= artifacts
     version = client.get_model_version("imgclf", "1")
     assert version.run_id == run.info.run_id
     experiment = client.get_experiment(run.info.experiment_id)
@@ -235,6 +243,48 @@ def test_training_killed_twice_ends_as_an_uninterrupted_one(tiny_project, tmp_pa
     steps = sorted(m.step for m in client.get_metric_history(killed_run, "loss"))
     assert steps == list(range(4))
     assert not state_file.exists()  # a finished run leaves nothing to resume
+
+
+def _train_killed_at(project: Path, point: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMGCLF_KILL_AT": point}
+    return subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_kills_between_saving_and_logging_leave_every_epoch_logged_once(tiny_project):
+    """Killed right after an epoch's metrics went to MLflow, or right after its resume state
+    was saved: either way the finished run holds each epoch once, with the values the
+    history has. And a resume whose run was deleted meanwhile says so."""
+    set_params(tiny_project, train__head_epochs=2, train__finetune_epochs=1,
+               train__early_stopping_patience=0)
+    state_file = tiny_project / "models/checkpoints/last/state.json"
+    killed = _train_killed_at(tiny_project, "logged:0")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_id = json.loads(state_file.read_text())["run_id"]
+    uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+
+    client.delete_run(run_id)
+    refused = run_module("stages.train", tiny_project)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"MLflow run {run_id}, which was deleted" in refused.stderr
+    assert f"mlflow runs restore --run-id {run_id}" in refused.stderr
+    client.restore_run(run_id)
+
+    killed = _train_killed_at(tiny_project, "saved:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"resuming MLflow run {run_id} after epoch 1" in killed.stdout
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0]
+
+    result = run_module("stages.train", tiny_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming MLflow run {run_id} after epoch 2" in result.stdout
+    history = _history(tiny_project)
+    for key in ("loss", "val_loss", "accuracy"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert [step for step, _ in logged] == [0, 1, 2], key
+        assert np.allclose([value for _, value in logged], history[key]), key
 
 
 def test_unreachable_tracking_server_fails_before_training(tiny_project):
