@@ -62,6 +62,18 @@ def _params(root: Path, **overrides):
     return validate(raw)
 
 
+def _write_params(root: Path, **overrides) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    raw = yaml.load((root / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    with (root / "params.yaml").open("w") as handle:
+        yaml.dump(raw, handle)
+
+
 # ------------------------------------------------------------------ frozen phase
 
 
@@ -86,74 +98,44 @@ def bench_frozen_phase(work: Path, args) -> dict:
                              "train_images": train_images}}
 
 
-def _phase1_on_cached_features(clf, data, params, epochs: int, batch: int):
-    """Phase 1 the cached way: the frozen base once over train and val, then the head on
-    those features. (Keras history, seconds spent extracting)."""
-    import keras
-
-    from imgclf.training.phases import (
-        compile_model,
-        extract_features,
-        feature_dataset,
-        make_optimizer,
-    )
-
-    start = time.perf_counter()
-    extractor = clf.feature_extractor()
-    train_f = extract_features(extractor, [data.make_images(data.train_files, None, False,
-                                                            None, batch)])
-    val_f = extract_features(extractor, [data.make_images(data.val_files, None, False, None,
-                                                          batch)])
-    extraction_seconds = time.perf_counter() - start
-    eye = np.eye(data.num_classes, dtype=np.float32)
-    head = clf.feature_head()
-    compile_model(head, make_optimizer(params.train, params.train.head_lr), params.train)
-    history = head.fit(
-        feature_dataset(train_f, eye[data.train_labels], params.train.batch_size,
-                        keras.random.SeedGenerator(params.train.seed)),
-        validation_data=feature_dataset(val_f, eye[data.val_labels], params.train.batch_size),
-        epochs=epochs, verbose=0)
-    return history, extraction_seconds
-
-
 def frozen_way(way: str, args) -> dict:
-    """One way of phase 1 in this process (cwd: a prepared project), timed from the built
-    model to the last epoch."""
+    """One way of phase 1 in this process (cwd: a prepared project), as the train stage runs
+    it: the stage's phase-1 function with its per-epoch resume-state writes, timed from the
+    built model to the last epoch's checkpoint."""
     import keras
 
     from imgclf.data.manifests import read_classes
-    from imgclf.model.network import build_classifier, freeze_base
-    from imgclf.training.phases import compile_model, extraction_batch, make_optimizer
-    from imgclf.training.session import make_data
+    from imgclf.model.network import build_classifier
+    from imgclf.training.phases import Tracker, TrackerState, run_head_phase
+    from imgclf.training.session import make_data, resume_saver
 
     root = Path.cwd()
     # No augmentation, so both ways see exactly the same inputs every epoch.
     params = _params(root, **{"model.image_size": args.size, "model.weights": None,
-                              "train.head_lr": 0.01, "augment.flip": "none",
-                              "augment.rotation": 0.0, "augment.zoom": 0.0,
-                              "augment.translation": 0.0, "augment.contrast": 0.0,
-                              "augment.brightness": 0.0})
+                              "train.head_lr": 0.01, "train.head_epochs": args.epochs,
+                              "train.early_stopping_patience": 0,
+                              "train.cache_features": way == "cached",
+                              "augment.flip": "none", "augment.rotation": 0.0,
+                              "augment.zoom": 0.0, "augment.translation": 0.0,
+                              "augment.contrast": 0.0, "augment.brightness": 0.0})
     classes = read_classes()
     data = make_data(params, classes)
     keras.utils.set_random_seed(params.train.seed)
     clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
-    freeze_base(clf.base)
-    extra = {}
+    checkpoints = root / f"checkpoints-{way}"
+    checkpoints.mkdir(exist_ok=True)
+    tracker = Tracker(clf, TrackerState(), params.train.monitor, 0, checkpoints,
+                      hooks=[resume_saver(clf, checkpoints / "last", way, None)])
+    timings: dict = {}
     start = time.perf_counter()
-    if way == "plain":
-        compile_model(clf.model, make_optimizer(params.train, params.train.head_lr),
-                      params.train)
-        history = clf.model.fit(data.make_images(data.train_files, data.train_labels, True, None),
-                                validation_data=data.make_images(data.val_files, data.val_labels,
-                                                                 False, None),
-                                epochs=args.epochs, verbose=0)
-    else:
-        history, extraction = _phase1_on_cached_features(
-            clf, data, params, args.epochs, extraction_batch(args.size, params.train.batch_size))
-        extra["extraction_seconds"] = round(extraction, 2)
+    run_head_phase(clf, data, params.train, tracker, timings=timings)
     elapsed = time.perf_counter() - start
+    extra = ({"extraction_seconds": timings["feature_cache_seconds"]}
+             if "feature_cache_seconds" in timings else {})
     return {"seconds": round(elapsed, 2), "seconds_per_epoch": round(elapsed / args.epochs, 3),
-            "val_accuracy": round(max(history.history["val_accuracy"]), 4),
+            "val_accuracy": round(max(r["val_accuracy"] for r in tracker.state.history), 4),
+            "checkpoint_kb": round(sum(f.stat().st_size for f in checkpoints.rglob("*")
+                                       if f.is_file()) / 1024, 1),
             "train_images": len(data.train_files), **extra}
 
 
@@ -295,13 +277,16 @@ def _bf16_accuracy(work: Path, args) -> dict:
     import keras
 
     from imgclf.data.manifests import read_classes
-    from imgclf.model.network import build_classifier, freeze_base
+    from imgclf.model.network import build_classifier
+    from imgclf.training.phases import Tracker, TrackerState, run_head_phase
     from imgclf.training.session import make_data
 
     root = _digits_project(work / "bf16", args.per_class)
     os.chdir(root)
     params = _params(root, **{"model.image_size": args.size, "model.weights": None,
-                              "train.head_lr": 0.01, "augment.flip": "none"})
+                              "train.head_lr": 0.01, "augment.flip": "none",
+                              "train.head_epochs": args.epochs,
+                              "train.early_stopping_patience": 0})
     classes = read_classes()
     data = make_data(params, classes)
     accuracy = {}
@@ -309,10 +294,9 @@ def _bf16_accuracy(work: Path, args) -> dict:
         keras.mixed_precision.set_global_policy(policy)
         keras.utils.set_random_seed(params.train.seed)
         clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
-        freeze_base(clf.base)
-        history, _ = _phase1_on_cached_features(clf, data, params, args.epochs,
-                                                params.train.batch_size)
-        accuracy[policy] = round(max(history.history["val_accuracy"]), 4)
+        tracker = Tracker(clf, TrackerState(), "val_accuracy", 0, root, [])
+        run_head_phase(clf, data, params.train, tracker)
+        accuracy[policy] = round(max(r["val_accuracy"] for r in tracker.state.history), 4)
         keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("float32")
     os.chdir(ROOT)
@@ -459,43 +443,44 @@ def bench_serving(work: Path, args) -> dict:
 
 
 def bench_prepare(work: Path, args) -> dict:
-    """prepare on generated photo-sized JPEGs: throughput and peak memory."""
-    from PIL import Image
-
+    """prepare on generated photo-sized JPEGs (distinct photo-like images): throughput and
+    peak memory, with the near-duplicate gate (the default) and without it, side by side."""
     root = work / "prepare"
     raw = root / "data/raw"
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
-    for i in range(args.prepare_images):
-        img = np.roll(base, i * 7, axis=1) ^ np.uint8(i % 251)
+    for i, img in enumerate(_photo_like(args.prepare_images, seed=1, size=(500, 375))):
         path = raw / f"class_{i % 10}" / f"img_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path, quality=85)
+        img.save(path, quality=85)
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    _run([sys.executable, "-m", "stages.prepare"], root)
-    elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"prepare_images_per_s": round(args.prepare_images / elapsed, 1),
-            "prepare_peak_rss_mb": round(max(peak, before) / 1024, 1),
+    seconds, peak = {}, 0
+    for gate in ("off", "on", "off", "on"):  # alternated: neither side gets a warmer cache
+        _write_params(root, **{"prepare.near_duplicate_distance": None if gate == "off" else 4})
+        start = time.perf_counter()
+        _run([sys.executable, "-m", "stages.prepare"], root)
+        seconds[gate] = min(seconds.get(gate, float("inf")), time.perf_counter() - start)
+        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    groups = json.loads((root / "reports/prepare.json").read_text())["near_duplicate_groups"]
+    return {"prepare_images_per_s": round(args.prepare_images / seconds["on"], 1),
+            "prepare_near_duplicate_gate_slowdown": round(seconds["on"] / seconds["off"], 3),
+            "prepare_peak_rss_mb": round(peak / 1024, 1),
             "prepare": {"images": args.prepare_images, "size": "500x375 JPEG",
-                        "seconds": round(elapsed, 2), "workers": os.cpu_count()}}
+                        "seconds_gate_on": round(seconds["on"], 2),
+                        "seconds_gate_off": round(seconds["off"], 2),
+                        "near_duplicate_groups": len(groups), "workers": os.cpu_count()}}
 
 
-def _photo_like(count: int, seed: int = 0, size=(400, 300)) -> list:
-    """Distinct photo-like images: smooth random colour fields (a bicubic blow-up of a few
-    random pixels) with sensor-like noise."""
+def _photo_like(count: int, seed: int = 0, size=(400, 300)):
+    """Distinct photo-like images, one at a time (5,000 held at once would be 2.8 GB, which
+    every subprocess forked from here would count as its own peak memory): smooth random
+    colour fields (a bicubic blow-up of a few random pixels) with sensor-like noise."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    out = []
     for i in range(count):
         coarse = rng.integers(0, 256, (4 + i % 5, 5 + i % 4, 3), dtype=np.uint8)
         smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), int)
         noisy = smooth + rng.integers(-20, 20, smooth.shape)
-        out.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
-    return out
+        yield Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def _copies(img) -> dict:
@@ -528,7 +513,7 @@ def bench_near_duplicates(work: Path, args) -> dict:
         return np.array([int(perceptual_hash(i), 16) for i in images], dtype=np.uint64)
 
     digits = digit_images(96)
-    photos = _photo_like(1000)
+    photos = list(_photo_like(1000))
     sets = {"digits": ([img for _, _, img in digits], [label for label, _, _ in digits]),
             "photos": (photos, [i % 8 for i in range(len(photos))])}
     out: dict = {"near_duplicate_distance_default": 4}

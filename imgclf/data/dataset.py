@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from imgclf import paths
 from imgclf.data.images import ImageRejected, inspect_and_decode, is_ignored, is_image_name
-from imgclf.data.leakage import hamming, near_duplicate_groups, perceptual_hash
+from imgclf.data.leakage import diameter, near_duplicate_groups, perceptual_hash
 from imgclf.errors import UserError
 from imgclf.params import Params
 from imgclf.paths import SPLITS
@@ -120,22 +120,27 @@ def find_candidates_csv(
     return candidates, skipped
 
 
-def _inspect(job: tuple[Path, str, int, int]) -> dict:
-    path, label, max_pixels, min_side = job
+def _inspect(job: tuple[Path, str, int, int, bool]) -> dict:
+    path, label, max_pixels, min_side, with_hash = job
     try:
         info, rgb = inspect_and_decode(path, max_pixels, min_side)
     except ImageRejected as err:
         return _skip(path, err.reason, err.detail)
-    return {"path": _rel(path), "label": label, "sha256": info.sha256,
-            "width": info.width, "height": info.height, "phash": perceptual_hash(rgb)}
+    record = {"path": _rel(path), "label": label, "sha256": info.sha256,
+              "width": info.width, "height": info.height}
+    if with_hash:
+        record["phash"] = perceptual_hash(rgb)
+    return record
 
 
 def inspect_all(
     candidates: list[dict], max_pixels: int, min_side: int, workers: int = 0,
-    progress: bool = True,
+    progress: bool = True, perceptual_hashes: bool = True,
 ) -> tuple[list[dict], list[dict]]:
-    """Decode every candidate fully, in parallel; return (records, skipped) in input order."""
-    jobs = [(c["path"], c["label"], max_pixels, min_side) for c in candidates]
+    """Decode every candidate fully, in parallel; return (records, skipped) in input order.
+    With `perceptual_hashes`, each record also gets its `phash` (the leakage gate's)."""
+    jobs = [(c["path"], c["label"], max_pixels, min_side, perceptual_hashes)
+            for c in candidates]
     workers = workers or os.cpu_count() or 1
     results: Iterable[dict]
     bar = dict(total=len(jobs), unit="img", desc="prepare", disable=not progress, smoothing=0.1)
@@ -204,8 +209,7 @@ def group_near_duplicates(records: list[dict], max_distance: int | None,
         labels = sorted({r["label"] for r in group})
         conflict = len(labels) > 1
         entry = {"group": number, "labels": labels, "paths": [r["path"] for r in group],
-                 "max_distance": max(hamming(a["phash"], b["phash"])
-                                     for a in group for b in group),
+                 "max_distance": diameter([r["phash"] for r in group]),
                  "label_conflict": conflict,
                  "excluded": conflict and conflicts == "exclude"}
         report.append(entry)
@@ -309,11 +313,13 @@ def prepare(params: Params, progress: bool = True) -> tuple[dict[str, list[dict]
     if not candidates:
         raise UserError(f"no images found under data.raw_dir = {data.raw_dir!r} "
                         f"({len(skipped)} file(s) skipped)")
+    gate = params.prepare.near_duplicate_distance
     records, rejected = inspect_all(candidates, params.prepare.max_pixels,
-                                    params.prepare.min_side, params.prepare.workers, progress)
+                                    params.prepare.min_side, params.prepare.workers, progress,
+                                    perceptual_hashes=gate is not None)
     kept, duplicates, conflicts, conflicted = deduplicate(records)
     kept, near, near_conflicted = group_near_duplicates(
-        kept, params.prepare.near_duplicate_distance, params.prepare.near_duplicate_conflicts)
+        kept, gate, params.prepare.near_duplicate_conflicts)
     skipped = sorted(skipped + rejected + conflicted + near_conflicted,
                      key=lambda s: (s["reason"], s["path"]))
     splits = assign_splits(kept, params.split.val, params.split.test, params.split.seed)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-# pHash looks at a 32x32 thumbnail; shrinking a big photo by an integer factor first (a box
-# filter, far cheaper than imagehash's Lanczos over 12 Mpx) leaves the hash as it is.
-_HASH_INPUT_SIDE = 1024
+# pHash is the DCT of a 32x32 grey thumbnail. imagehash makes that thumbnail with a Lanczos
+# filter over the whole image (0.6 ms for a 500x375 photo, more than its decode); Pillow's
+# bilinear resize with reducing_gap (a box reduction first) makes it in a third of the time
+# and finds the same copies (`make bench`, near_duplicates, was measured with it). Given a
+# 32x32 image, imagehash's own resize is a no-op.
+_THUMBNAIL = (32, 32)
 # Rows compared at once against all hashes: a 1024 x N block of uint8 distances.
 _BLOCK = 1024
 
@@ -23,44 +26,55 @@ def perceptual_hash(img: Image.Image) -> str:
     """The image's 64-bit pHash as 16 hex digits."""
     import imagehash
 
-    factor = max(img.size) // _HASH_INPUT_SIDE
-    if factor > 1:
-        img = img.reduce(factor)
-    return str(imagehash.phash(img))
+    thumbnail = img.convert("L").resize(_THUMBNAIL, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return str(imagehash.phash(thumbnail))
 
 
 def _as_uint64(hashes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
 
 
-def hamming(a: str, b: str) -> int:
-    return int(np.bitwise_count(np.uint64(int(a, 16)) ^ np.uint64(int(b, 16))))
+def diameter(hashes: list[str]) -> int:
+    """The largest Hamming distance between two of `hashes` (how far a group drifts)."""
+    values = _as_uint64(hashes)
+    return max((int(np.bitwise_count(values[start:start + _BLOCK, None] ^ values[None, :]).max())
+                for start in range(0, len(values), _BLOCK)), default=0)
 
 
 def near_duplicate_groups(hashes: list[str], max_distance: int) -> list[list[int]]:
     """Indices of images that are copies of each other, as groups of two or more.
 
-    Grouping is transitive (union-find over every pair within `max_distance`), so a chain of
-    copies is one group however far its ends drift apart. All pairs are compared in blocks:
-    20,000 images take a few seconds.
+    Grouping is transitive (connected components of the graph whose edges are the pairs
+    within `max_distance`), so a chain of copies is one group however far its ends drift
+    apart. All pairs are compared in blocks, and each block's pairs merge into the
+    components so far in one vectorised step: 20,000 images take seconds, even when most
+    of them are copies of each other (frames of one video).
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     values = _as_uint64(hashes)
-    parent = list(range(len(values)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for start in range(0, len(values), _BLOCK):
+    n = len(values)
+    labels = np.arange(n)
+    for start in range(0, n, _BLOCK):
         block = values[start:start + _BLOCK]
-        close = np.bitwise_count(block[:, None] ^ values[None, :]) <= max_distance
-        rows, cols = np.nonzero(close)
-        for i, j in zip((rows + start).tolist(), cols.tolist(), strict=True):
-            if i < j:
-                parent[root(j)] = root(i)
+        rows, cols = np.nonzero(np.bitwise_count(block[:, None] ^ values[None, :])
+                                <= max_distance)
+        rows += start
+        keep = rows < cols
+        if not keep.any():
+            continue
+        # This block's pairs, plus each image's link to its current component's label.
+        edges_from = np.concatenate([rows[keep], np.arange(n)])
+        edges_to = np.concatenate([cols[keep], labels])
+        graph = coo_matrix((np.ones(len(edges_from), dtype=np.int8), (edges_from, edges_to)),
+                           shape=(n, n))
+        _, component = connected_components(graph, directed=False)
+        # Each image's label becomes its component's first member (an image index, as the
+        # next block's edges need), not the component's number.
+        _, first = np.unique(component, return_index=True)
+        labels = first[component]
     groups: dict[int, list[int]] = {}
-    for i in range(len(values)):
-        groups.setdefault(root(i), []).append(i)
+    for i, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(i)
     return [members for members in groups.values() if len(members) > 1]

@@ -168,6 +168,23 @@ def _fault_point(event: str, epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def resume_saver(classifier, resume_dir: Path, fp: str, run_id: str | None):
+    """The Tracker hook that writes an epoch's resume state (what that phase changes, the
+    optimizer, the tracker state), then drops best-weights files the state no longer names."""
+    from imgclf.training import resume
+    from imgclf.training.phases import changing, holding, optimizer_state
+
+    def save_resume_state(row, tracker):
+        scope = changing(row["phase"])
+        resume.save(resume_dir, holding(classifier, scope), optimizer_state(tracker.optimizer),
+                    tracker.state, fp, run_id,
+                    same_weights_as=tracker.best_path if row["best"] else None, scope=scope)
+        tracker.prune_best()
+        _fault_point("saved", row["epoch"])
+
+    return save_resume_state
+
+
 def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
     """The resume state of this configuration with its weights loaded, or None."""
     from imgclf.training import resume
@@ -222,13 +239,7 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     from imgclf.tracking import runs, store
     from imgclf.tracking.publish import publish
     from imgclf.training import resume
-    from imgclf.training.phases import (
-        Tracker,
-        TrackerState,
-        changing,
-        holding,
-        optimizer_state,
-    )
+    from imgclf.training.phases import Tracker, TrackerState
 
     keras_setup(params)
     classes = read_classes()
@@ -252,13 +263,7 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
             log_epoch.send_missing(state.history)
     checkpoints.mkdir(parents=True, exist_ok=True)
 
-    def save_resume_state(row, tracker):
-        scope = changing(row["phase"])
-        resume.save(resume_dir, holding(classifier, scope), optimizer_state(tracker.optimizer),
-                    tracker.state, fp, run_id,
-                    same_weights_as=tracker.best_path if row["best"] else None, scope=scope)
-        tracker.prune_best()
-        _fault_point("saved", row["epoch"])
+    save_resume_state = resume_saver(classifier, resume_dir, fp, run_id)
 
     def log(row, tracker):
         log_epoch(row, tracker)

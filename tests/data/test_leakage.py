@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
+import numpy as np
 import pandas as pd
 from conftest import encode, run_module, scene, set_params, write
 from PIL import Image
@@ -38,6 +39,19 @@ def test_groups_copies_and_not_distinct_photos():
               for img in originals[:5]]
     groups = near_duplicate_groups(hashes + copies, max_distance=4)
     assert sorted(sorted(g) for g in groups) == [[i, 39 + i] for i in range(5)]
+
+
+def test_grouping_across_comparison_blocks_is_exact():
+    """Thousands of distinct hashes (several comparison blocks), with copies placed far apart
+    and one chain: exactly the copies are grouped, the chain as one group."""
+    rng = np.random.default_rng(0)
+    values = [int(v) for v in rng.integers(0, 2**63, 3000, dtype=np.int64)]
+    values[2500] = values[10] ^ 0b11  # 2 bits from image 10
+    values[1500] = values[20] ^ 0b1111  # 4 bits from image 20...
+    values[2999] = values[1500] ^ (0b1111 << 8)  # ...and 4 more from that copy: a chain
+    hashes = [f"{v:016x}" for v in values]
+    assert sorted(sorted(g) for g in near_duplicate_groups(hashes, 4)) == [
+        [10, 2500], [20, 1500, 2999]]
 
 
 def test_resized_reencoded_copies_land_in_their_originals_split(project):
