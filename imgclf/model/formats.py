@@ -112,7 +112,9 @@ def _pixels_archive(model, size: int):
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # No `archive.track(model)`: on the TensorFlow backend it stores every weight a second
+    # time beside the ones the endpoint captures (keras-team/keras#23553): a SavedModel of
+    # twice the weights. The endpoints' traced functions track the variables they use.
     archive.add_endpoint("predict_pixels", lambda pixels: {"probabilities": model(
         pixels, training=False)}, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])

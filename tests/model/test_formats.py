@@ -21,6 +21,11 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
         assert formats[name]["max_abs_diff"] <= 1e-4
     for fmt in formats.values():
         assert fmt["size_mb"] > 0 and fmt["images_per_s"] > 0 and fmt["latency_ms_batch1"] > 0
+    # The weights once: the SavedModel's variables are the size of the float32 TFLite model
+    # (the same weights), not twice it (keras-team/keras#23553).
+    export = trained_project / "models/export"
+    variables = sum(f.stat().st_size for f in (export / "saved_model/variables").iterdir())
+    assert variables < 1.2 * (export / "model_float32.tflite").stat().st_size
     # The recommended format is the fastest of those that keep the agreement gate; a
     # quantised format below it is never recommended.
     usable = [n for n, f in formats.items() if n != "keras" and f["top1_agreement"] >= 0.98]
