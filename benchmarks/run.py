@@ -50,26 +50,28 @@ def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Compl
     return result
 
 
+def _overridden(root: Path, overrides: dict, yaml):
+    """params.yaml of `root` with dotted overrides applied (`model.image_size`: 150)."""
+    raw = yaml.load((root / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return raw
+
+
 def _params(root: Path, **overrides):
     from ruamel.yaml import YAML
 
     from imgclf.params import validate
 
-    raw = YAML(typ="safe").load((root / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        raw[section][key] = value
-    return validate(raw)
+    return validate(_overridden(root, overrides, YAML(typ="safe")))
 
 
 def _write_params(root: Path, **overrides) -> None:
     from ruamel.yaml import YAML
 
-    yaml = YAML()
-    raw = yaml.load((root / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        raw[section][key] = value
+    yaml = YAML()  # round trip: the comments stay
+    raw = _overridden(root, overrides, yaml)
     with (root / "params.yaml").open("w") as handle:
         yaml.dump(raw, handle)
 

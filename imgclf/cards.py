@@ -51,7 +51,7 @@ def model_card(params: Params, data_version: str, prepare: dict, train: dict,
     if groups is not None:
         lines.append(f"- near-duplicate groups kept within one split: {len(groups)}; "
                      f"suspected label conflicts: "
-                     f"{sum(1 for g in groups if len(g['labels']) > 1)}")
+                     f"{sum(1 for g in groups if g['label_conflict'])}")
     lines += ["", "## Training", "| param | value |", "|---|---|"]
     lines += [f"| `{key}` | {_yaml(flat[key])} |" for key in CARD_PARAMS if key in flat]
     if "best_epoch" in train:

@@ -59,12 +59,10 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """A JSON file's content, or `default` when the file does not exist."""
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content, or {} when the file does not exist."""
     path = Path(path)
-    if not path.is_file():
-        return {} if default is None else default
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 @contextmanager

@@ -49,8 +49,9 @@ def main() -> None:
                                  params.model.image_size, params.model.resize)
     card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
                       train_report, {**summary, **keras_summary}, fmt)
+    pictures = training_pictures()
     runs.log_evaluation(store.make_client(), train_report, summary, keras_summary, fmt,
-                        artifacts, card, training_pictures())
+                        artifacts, card, pictures)
     print(evaluation_lines(uri, fmt, summary, keras_summary, pairs, params.evaluate.tta))
 
 

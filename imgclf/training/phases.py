@@ -271,6 +271,14 @@ class Tracker(keras.callbacks.Callback):
             return None
         return self.best_file(self.state.best_epoch, self.state.best_scope)
 
+    def write_best(self, epoch: int, scope: str) -> None:
+        """The best epoch's weights (what `scope` holds), atomically, under the epoch's name:
+        a kill before the resume state records the epoch leaves the file the state names
+        untouched (the resumed run loads that one)."""
+        with io.replacing(self.best_file(epoch, scope)) as tmp:
+            holding(self.classifier, scope).save_weights(tmp)
+        self.state.best_scope = scope
+
     def prune_best(self) -> None:
         """Once the state is saved: drop best-weights files it no longer names."""
         for path in self.checkpoints.glob("best-*.weights.h5"):
@@ -296,12 +304,7 @@ class Tracker(keras.callbacks.Callback):
         value = row[self.monitor]
         if not math.isnan(value) and self.improved(value):
             self.state.best, self.state.best_epoch, self.state.wait = value, epoch, 0
-            # Atomic, and named by epoch: a kill before the resume state records this epoch
-            # leaves the file the state names untouched (the resumed run loads that one).
-            scope = changing(self.state.phase)
-            with io.replacing(self.best_file(epoch, scope)) as tmp:
-                holding(self.classifier, scope).save_weights(tmp)
-            self.state.best_scope = scope
+            self.write_best(epoch, changing(self.state.phase))
             row["best"] = True
         else:
             self.state.wait += 1
@@ -430,9 +433,7 @@ def start_finetune(classifier: Classifier, tracker: Tracker) -> None:
     if state.best_epoch is not None and state.best_scope == "head":
         # Phase 2 changes the base: from here the best must be the whole model, or a
         # fine-tune that never improves would end with its base and phase 1's head. Once.
-        with io.replacing(tracker.best_file(state.best_epoch, "full")) as tmp:
-            classifier.model.save_weights(tmp)
-        state.best_scope = "full"
+        tracker.write_best(state.best_epoch, "full")
     state.phase = "finetune"
     state.wait = 0
     state.plateau = None

@@ -109,10 +109,10 @@ def weights_digest(model) -> str:
 def calibrate(model, data, params: Params) -> dict:
     """Fit the temperature on the validation split (the best weights are loaded by now) and
     bake it into `model`; returns T and the validation log loss before and after."""
-    from imgclf.model.calibration import bake_temperature, fit_temperature, nll
+    from imgclf.metrics import nll
+    from imgclf.model.calibration import bake_temperature, fit_temperature
 
-    batches = data.make_images(data.val_files, data.val_labels, False, None)
-    probs = model.predict(batches.map(lambda x, y: x), verbose=0)
+    probs = model.predict(data.make_images(data.val_files, None, False, None), verbose=0)
     temperature = fit_temperature(probs, data.val_labels)
     bake_temperature(model, temperature)
     result = {"temperature": round(temperature, 6),
