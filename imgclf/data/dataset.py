@@ -123,13 +123,13 @@ def find_candidates_csv(
 def _inspect(job: tuple[Path, str, int, int, bool]) -> dict:
     path, label, max_pixels, min_side, with_hash = job
     try:
-        info, rgb = inspect_and_decode(path, max_pixels, min_side)
+        info, decoded = inspect_and_decode(path, max_pixels, min_side, grey=True)
     except ImageRejected as err:
         return _skip(path, err.reason, err.detail)
     record = {"path": _rel(path), "label": label, "sha256": info.sha256,
               "width": info.width, "height": info.height}
     if with_hash:
-        record["phash"] = perceptual_hash(rgb)
+        record["phash"] = perceptual_hash(decoded)
     return record
 
 
@@ -148,6 +148,12 @@ def inspect_all(
         results = tqdm(map(_inspect, jobs), **bar)
         records, skipped = _partition(results)
     else:
+        if perceptual_hashes:
+            # Imported once here, before the workers fork, not once in each of them (0.2 s
+            # apiece: imagehash's DCT is scipy's). The grouping afterwards needs scipy anyway.
+            import imagehash  # noqa: F401
+            import scipy.fftpack  # noqa: F401
+            import scipy.sparse.csgraph  # noqa: F401
         # Chunks amortise inter-process overhead; results stream back in order, so memory
         # holds only the small record dicts, never pixels.
         with ProcessPoolExecutor(max_workers=workers) as pool:

