@@ -116,7 +116,7 @@ def frozen_way(way: str, args) -> dict:
     params = _params(root, **{"model.image_size": args.size, "model.weights": None,
                               "train.head_lr": 0.01, "train.head_epochs": args.epochs,
                               "train.early_stopping_patience": 0,
-                              "train.cache_features": way == "cached",
+                              "features.cache": way == "cached",
                               "augment.flip": "none", "augment.rotation": 0.0,
                               "augment.zoom": 0.0, "augment.translation": 0.0,
                               "augment.contrast": 0.0, "augment.brightness": 0.0})
@@ -128,17 +128,27 @@ def frozen_way(way: str, args) -> dict:
     checkpoints.mkdir(exist_ok=True)
     tracker = Tracker(clf, TrackerState(), params.train.monitor, 0, checkpoints,
                       hooks=[resume_saver(clf, checkpoints / "last", way, None)])
-    timings: dict = {}
     start = time.perf_counter()
-    run_head_phase(clf, data, params.train, tracker, timings=timings)
+    extra = {}
+    if params.features.cache:  # what the features stage does, then what train does
+        extra["extraction_seconds"] = _attach_features(root, clf, params, data)
+    run_head_phase(clf, data, params.train, tracker)
     elapsed = time.perf_counter() - start
-    extra = ({"extraction_seconds": timings["feature_cache_seconds"]}
-             if "feature_cache_seconds" in timings else {})
     return {"seconds": round(elapsed, 2), "seconds_per_epoch": round(elapsed / args.epochs, 3),
             "val_accuracy": round(max(r["val_accuracy"] for r in tracker.state.history), 4),
             "checkpoint_kb": round(sum(f.stat().st_size for f in checkpoints.rglob("*")
                                        if f.is_file()) / 1024, 1),
             "train_images": len(data.train_files), **extra}
+
+
+def _attach_features(root: Path, clf, params, data) -> float:
+    """The features stage's arrays for `clf`'s base, written under `root` and attached to
+    `data` as train reads them; returns the stage's seconds."""
+    from imgclf import features
+
+    meta = features.write(root / "features", clf, params, data.train_files, data.val_files)
+    data.features = features.read(root / "features", params, data, clf)
+    return meta["seconds"]
 
 
 # ------------------------------------------------------------------ pipeline vs step
@@ -297,6 +307,7 @@ def _bf16_accuracy(work: Path, args) -> dict:
         keras.utils.set_random_seed(params.train.seed)
         clf = build_classifier(params.model, len(classes), None, seed=params.train.seed)
         tracker = Tracker(clf, TrackerState(), "val_accuracy", 0, root, [])
+        _attach_features(root, clf, params, data)
         run_head_phase(clf, data, params.train, tracker)
         accuracy[policy] = round(max(r["val_accuracy"] for r in tracker.state.history), 4)
         keras.backend.clear_session()
@@ -403,6 +414,164 @@ def bench_repro_and_export(work: Path, args) -> dict:
                                                      "top1_agreement", "size_mb")}
                                for n, f in formats.items()}},
     }
+
+
+# ------------------------------------------------------------------ the pipeline's cost
+
+STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "evaluate", "export")
+
+
+def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
+    """A git + DVC repository of the project holding `images` generated 400x300 photos."""
+    repo = work / f"photos-{images}"
+    repo.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for package in ("stages", "imgclf"):
+        shutil.copytree(ROOT / package, repo / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for i, img in enumerate(_photo_like(images, seed=3)):
+        path = repo / "data/raw" / f"class_{i % classes}" / f"img_{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "init"]):
+        _run(cmd, repo, GIT_ENV)
+    return repo
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}
+
+
+def _timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(seconds, peak resident MB of the command and everything it waited for)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **GIT_ENV}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=False)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:].decode()}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def _forward_seconds(repo: Path, size: int) -> float:
+    """One Keras forward pass of the whole model over the repo's train + val + test images
+    (decode included, as every stage pays it), in a fresh process."""
+    code = f"""
+import time, sys
+from imgclf.data.manifests import read_classes, read_manifest
+from imgclf.data.pipeline import image_dataset
+from imgclf.model.network import build_classifier
+from imgclf.params import load_params
+params = load_params()
+classes = read_classes()
+files = sum((read_manifest(s, classes)[0] for s in ("train", "val", "test")), [])
+clf = build_classifier(params.model, len(classes), None)
+images = image_dataset(files, None, 0, {size}, "crop", 32)
+clf.model.predict(images.take(1), verbose=0)  # traced once, not timed
+start = time.perf_counter()
+clf.model.predict(images, verbose=0)
+print(time.perf_counter() - start)
+"""
+    return float(_run([sys.executable, "-c", code], repo).stdout.strip().splitlines()[-1])
+
+
+def _cache_mb(repo: Path) -> float:
+    return _dir_mb(repo / ".dvc/cache")
+
+
+def bench_pipeline_cost(work: Path, args) -> dict:
+    """The whole pipeline as users run it, stage by stage through DVC, at two dataset sizes:
+    its cost per image in forward passes, its fixed cost, each stage's peak memory; then a
+    head-only experiment (`dvc exp run -S train.head_lr=...`) on the larger one."""
+    size = args.step_size
+    sets = {"model.image_size": size, "model.weights": None,
+            "train.early_stopping_patience": 0}
+    runs = {}
+    for images in args.pipeline_images:
+        repo = _photo_repo(work / "cost", images)
+        _write_params(repo, **sets)
+        stages = {}
+        for stage in STAGE_ORDER:
+            seconds, peak = _timed(["dvc", "repro", "--single-item", stage], repo)
+            stages[stage] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
+        runs[images] = {"repo": repo, "stages": stages,
+                        "pipeline_seconds": sum(s["seconds"] for s in stages.values()),
+                        "forward_seconds": _forward_seconds(repo, size),
+                        "features_mb": _dir_mb(repo / "data/features")}
+    small, large = sorted(runs)
+    slope = ((runs[large]["pipeline_seconds"] - runs[small]["pipeline_seconds"])
+             / (large - small))
+    forward_slope = ((runs[large]["forward_seconds"] - runs[small]["forward_seconds"])
+                     / (large - small))
+    fixed = runs[small]["pipeline_seconds"] - slope * small
+
+    repo = runs[large]["repo"]
+    _run(["git", "add", "-A"], repo, GIT_ENV)
+    _run(["git", "commit", "-q", "-m", "baseline"], repo, GIT_ENV)
+    before = _cache_mb(repo)
+    experiment, _ = _timed(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo)
+    experiment_mb = _cache_mb(repo) - before
+    return {
+        "pipeline_marginal_forward_passes": round(slope / forward_slope, 2),
+        "pipeline_fixed_seconds": round(fixed, 1),
+        "head_only_experiment_forward_passes": round(
+            max(0.0, experiment - fixed) / runs[large]["forward_seconds"], 2),
+        "cache_mb_per_image": round(runs[large]["features_mb"] / large, 4),
+        "experiment_cache_mb": round(experiment_mb, 1),
+        "peak_rss_mb_by_stage": {stage: [runs[n]["stages"][stage]["peak_rss_mb"]
+                                         for n in (small, large)] for stage in STAGE_ORDER},
+        "pipeline": {"image_size": size, "images": [small, large], "classes": 8,
+                     "photo": "400x300 JPEG", "epochs": "params.yaml defaults, no early stop",
+                     "seconds_by_stage": {n: {k: v["seconds"] for k, v in r["stages"].items()}
+                                          for n, r in runs.items()},
+                     "forward_pass_seconds": {n: round(r["forward_seconds"], 1)
+                                              for n, r in runs.items()},
+                     "head_only_experiment_seconds": round(experiment, 1),
+                     "features_mb": {n: round(r["features_mb"], 1) for n, r in runs.items()}},
+    }
+
+
+def bench_finetune_ways(work: Path, args) -> dict:
+    """Phase 2 on the stored activations at the cut vs on images (the whole base every
+    step, fresh augmentation every epoch): validation accuracy and seconds, on the demo
+    digits with the demo's settings and `--finetune-epochs` fine-tune epochs."""
+    import pandas as pd
+
+    root = _digits_project(work / "finetune", args.per_class)
+    out = {}
+    for way in ("stored", "images"):
+        _write_params(root, **{"model.image_size": args.size, "model.weights": None,
+                               "augment.flip": "none", "train.head_lr": 0.01,
+                               "train.head_epochs": args.epochs,
+                               "train.finetune_epochs": args.finetune_epochs,
+                               "train.early_stopping_patience": 0,
+                               "features.cache": way == "stored",
+                               "mlflow.serving_format": "keras"})
+        start = time.perf_counter()
+        _run([sys.executable, "-m", "stages.features"], root)
+        _run([sys.executable, "-m", "stages.train"], root)
+        history = pd.read_csv(root / "reports/plots/train_history.csv")
+        tuned = history[history["phase"] == "finetune"]
+        out[way] = {"seconds": round(time.perf_counter() - start, 1),
+                    "finetune_epoch_seconds": round(float(tuned["epoch_seconds"].mean()), 2),
+                    "val_accuracy_after_head": round(float(
+                        history[history["phase"] == "head"]["val_accuracy"].iloc[-1]), 4),
+                    "val_accuracy_after_finetune": round(float(
+                        tuned["val_accuracy"].iloc[-1]), 4)}
+        shutil.rmtree(root / "models", ignore_errors=True)
+    return {"finetune_stored_vs_images_val_accuracy": [
+                out["stored"]["val_accuracy_after_finetune"],
+                out["images"]["val_accuracy_after_finetune"]],
+            "finetune_epoch_speedup_stored_vs_images": round(
+                out["images"]["finetune_epoch_seconds"]
+                / out["stored"]["finetune_epoch_seconds"], 1),
+            "finetune_ways": {**out, "image_size": args.size,
+                              "finetune_epochs": args.finetune_epochs}}
 
 
 def _dir_mb(path: Path) -> float:
@@ -582,6 +751,8 @@ BENCHES = {
     "frozen": bench_frozen_phase,
     "repro_export": bench_repro_and_export,
     "serving": bench_serving,
+    "pipeline_cost": bench_pipeline_cost,
+    "finetune_ways": bench_finetune_ways,
 }
 
 
@@ -598,6 +769,10 @@ def main() -> None:
     parser.add_argument("--step-batches", type=int, default=3, help="train steps timed")
     parser.add_argument("--forward-batch", type=int, default=16)
     parser.add_argument("--prepare-images", type=int, default=5000)
+    parser.add_argument("--pipeline-images", type=int, nargs=2, default=[320, 960],
+                        help="the two dataset sizes of the pipeline's cost")
+    parser.add_argument("--finetune-epochs", type=int, default=5,
+                        help="fine-tune epochs of the stored-vs-images comparison")
     parser.add_argument("--output", default=str(ROOT / "reports/bench.json"))
     parser.add_argument("--frozen-way", choices=("plain", "cached"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -90,13 +90,19 @@ class TrainParams(_Section):
     class_weights: Literal["none", "balanced"] = "none"
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     early_stopping_patience: Epochs = 3
-    cache_features: bool = True
-    cache_views: int = Field(1, ge=1, le=16)
     resume: bool = True
     calibrate: bool = True
     deterministic: bool = False
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     strategy: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
+
+
+class FeaturesParams(_Section):
+    cache: bool = True
+    views: int = Field(1, ge=1, le=16)
+    seed: int = 42
+    dtype: Literal["float16", "float32"] = "float16"
+    max_gb: float = Field(20.0, gt=0)
 
 
 class EvaluateParams(_Section):
@@ -121,6 +127,7 @@ class Params(_Section):
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
     model: ModelParams = ModelParams()
+    features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
@@ -142,10 +149,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys that moved: a params.yaml from before says where they went, not just "unknown".
+MOVED = {"train.cache_features": "features.cache", "train.cache_views": "features.views"}
+
+
 def _describe(error: dict[str, Any]) -> str:
     # Every param is section.key: deeper loc parts are pydantic's union/list branch names.
     loc = [str(part) for part in error["loc"]][:2]
     key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden" and key in MOVED:
+        return f"{key} is now {MOVED[key]} (the features stage's section): rename it"
     if error["type"] == "extra_forbidden":
         section = Params.model_fields.get(loc[0]) if len(loc) == 2 else None
         fields = section.annotation.model_fields if section else Params.model_fields

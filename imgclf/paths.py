@@ -14,6 +14,8 @@ def manifest(split: str) -> Path:
 
 
 AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
+# The features stage: the frozen base's outputs per image and view (imgclf.features).
+FEATURES_DIR = Path("data/features")
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"

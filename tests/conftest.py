@@ -151,13 +151,21 @@ TINY = {  # the shrunk real run every training test starts from
 
 
 @pytest.fixture
-def tiny_project(project) -> Path:
+def prepared_project(project) -> Path:
     """A project with 3 classes x 7 images prepared, and params shrunk for speed."""
     make_class_folders(project / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
     set_params(project, **TINY)
     result = run_module("stages.prepare", project)
     assert result.returncode == 0, result.stderr
     return project
+
+
+@pytest.fixture
+def tiny_project(prepared_project) -> Path:
+    """`prepared_project` with its features stored (the features stage), ready to train."""
+    result = run_module("stages.features", prepared_project)
+    assert result.returncode == 0, result.stderr
+    return prepared_project
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +225,8 @@ def trained_project(tmp_path_factory) -> Path:
                export__tflite=["float32", "dynamic"])
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
-        for module in ("stages.prepare", "stages.augment_preview", "stages.train"):
+        for module in ("stages.prepare", "stages.augment_preview", "stages.features",
+                       "stages.train"):
             result = run_module(module, root)
             assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
     finally:

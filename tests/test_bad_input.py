@@ -43,8 +43,9 @@ def test_bad_input_corpus_through_the_whole_pipeline(project):
     assert json.loads((project / "data/prepared/classes.json").read_text()) == \
         sorted(BAD_INPUT_CLASSES)
 
-    trained = run_module("stages.train", project)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    for stage in ("stages.features", "stages.train"):
+        done = run_module(stage, project)
+        assert done.returncode == 0, done.stderr[-3000:]
 
     # `imgclf predict` over the raw folder: every readable image gets a label, every broken
     # one a warning with its reason, and the run succeeds.

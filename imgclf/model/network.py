@@ -21,6 +21,7 @@ BASE_NAME = "inception_resnet_v2"
 WEIGHTS_FILE = "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/"
                f"inception_resnet_v2/{WEIGHTS_FILE}")
+RANDOM_BASE_SEED = 0
 FEATURE_DIM = 1536  # channels of InceptionResNetV2's last block (conv_7b_ac)
 
 
@@ -99,11 +100,6 @@ class Classifier:
             x = layer(x)
         return keras.Model(features, x, name="feature_head")
 
-    def feature_extractor(self) -> keras.Model:
-        """Raw pixels -> pooled base features, in inference mode (what phase 1 caches)."""
-        return keras.Model(self.model.input, self.model.get_layer("head_pool").output,
-                           name="feature_extractor")
-
 
 def build_classifier(params: ModelParams, num_classes: int, weights: str | None,
                      seed: int = 0) -> Classifier:
@@ -112,7 +108,12 @@ def build_classifier(params: ModelParams, num_classes: int, weights: str | None,
     # InceptionResNetV2's preprocess_input is x/127.5 - 1; a Rescaling layer does the same and
     # serialises, so the saved model takes raw pixels and loads with safe_mode=True.
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_unit")(inputs)
+    if weights is None:
+        # A random base (tests, the offline demo) from one fixed seed, whatever train.seed
+        # is: the features stage and train must build the same frozen layers.
+        keras.utils.set_random_seed(RANDOM_BASE_SEED)
     base = build_base(size, weights)
+    keras.utils.set_random_seed(seed)  # the head's initial weights follow train.seed
     # training=False keeps BatchNorm in inference mode even when the base is unfrozen, so
     # fine-tuning does not wreck the pretrained statistics (Keras transfer-learning guide).
     x = base(x, training=False)
@@ -135,22 +136,72 @@ def freeze_base(base: keras.Model) -> None:
     base.trainable = False
 
 
-def unfreeze_top(base: keras.Model, unfreeze: int | str) -> int:
-    """Unfreeze the base from layer `unfreeze` (a name) or its top `unfreeze` layers.
+def _layers(base: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
 
-    BatchNormalization layers stay frozen. Returns the number of trainable weight tensors.
-    """
-    layers = [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+def first_unfrozen(base: keras.Model, unfreeze: int | str) -> int:
+    """The index (in the base's layers, inputs left out) where fine-tuning starts: layer
+    `unfreeze` (a name) or the top `unfreeze` layers; len(layers) when nothing unfreezes."""
+    layers = _layers(base)
     if isinstance(unfreeze, str):
         names = [layer.name for layer in layers]
         if unfreeze not in names:
             hint = ", ".join(n for n in names if n.startswith(("block8", "conv_7b")))[-200:]
             raise UserError(f"train.unfreeze = {unfreeze!r} is not a layer of "
                             f"InceptionResNetV2 (top layers include: ...{hint})")
-        start = names.index(unfreeze)
-    else:
-        start = max(0, len(layers) - unfreeze)
+        return names.index(unfreeze)
+    return max(0, len(layers) - unfreeze)
+
+
+def unfreeze_top(base: keras.Model, unfreeze: int | str) -> int:
+    """Unfreeze the base from layer `unfreeze` (a name) or its top `unfreeze` layers.
+
+    BatchNormalization layers stay frozen. Returns the number of trainable weight tensors.
+    """
+    start = first_unfrozen(base, unfreeze)
     base.trainable = True
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(_layers(base)):
         layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
     return len(base.trainable_weights)
+
+
+def _crossing(layers: list[keras.layers.Layer], base_input, k: int) -> list:
+    """The tensors made below layer k (or the base's input) that layers from k on read."""
+    made = {id(base_input): base_input}
+    made.update({id(layer.output): layer.output for layer in layers[:k]})
+    read = {}
+    for layer in layers[k:]:
+        # Keras keeps each call of a layer as a node holding its input tensors: the graph's
+        # edges, which no public API lists.
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                if id(tensor) in made:
+                    read[id(tensor)] = tensor
+    return list(read.values())
+
+
+def split_base(base: keras.Model, unfreeze: int | str) -> tuple[keras.Model, keras.Model] | None:
+    """The base as `bottom` (its input -> the activations at the fine-tune cut) and `top`
+    (the cut -> its output), sharing the base's layers; None when nothing unfreezes.
+
+    The cut is the one tensor through which everything below the first unfrozen layer
+    reaches it: for `block8_9_ac` the output of block8_9 (8x8x2080 at 299 px). Where
+    several tensors cross (a name inside an Inception block, whose branches and residual
+    reach past it), the cut moves down to the block's input; the frozen layers above it
+    then run in `top`, frozen, as in the whole model.
+    """
+    layers = _layers(base)
+    start = first_unfrozen(base, unfreeze)
+    if start >= len(layers):
+        return None
+    for k in range(start, -1, -1):
+        crossing = _crossing(layers, base.input, k)
+        if len(crossing) == 1:
+            cut = crossing[0]
+            break
+    if cut is base.input:
+        raise UserError(f"train.unfreeze = {unfreeze!r} unfreezes the whole base: there is no "
+                        "frozen part to cache; set features.cache to false")
+    return keras.Model(base.input, cut, name="base_bottom"), keras.Model(cut, base.output,
+                                                                        name="base_top")

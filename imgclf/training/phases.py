@@ -1,12 +1,14 @@
 """Two-phase transfer learning, following the Keras guide.
 
 Phase 1 ("head"): the base frozen, only the head trains, at `train.head_lr`. With
-`train.cache_features` the frozen base runs once per image (and per augmented view) and the
-head trains on those cached features: the same function of the same inputs, many times
-faster, because a frozen base gives the same output every epoch.
+`features.cache` it trains on the pooled features the `features` stage stored: the same
+function of the same inputs, many times faster, because a frozen base gives the same output
+every epoch.
 
 Phase 2 ("finetune"): the top of the base unfrozen (BatchNorm stays frozen and the base in
-inference mode), recompiled at the small `train.finetune_lr`.
+inference mode), recompiled at the small `train.finetune_lr`. With `features.cache` only the
+top runs, on the activations stored at the cut: the frozen layers below it give the same
+output every epoch too.
 
 One `Tracker` follows both phases on one epoch axis: it keeps the history, saves the best
 weights by the validation metric across both phases (a fine-tune that makes things worse
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from imgclf import io
+from imgclf.features import Features, row_dataset
 from imgclf.model.network import Classifier, freeze_base, unfreeze_top
 from imgclf.params import TrainParams
 
@@ -96,71 +98,6 @@ def restore_optimizer(optimizer, variables: list, arrays: list[np.ndarray]) -> N
         raise ValueError("saved optimizer state does not match the model")
     for var, value in zip(optimizer.variables, arrays, strict=True):
         var.assign(value)
-
-
-# ---------------------------------------------------------------- cached features
-
-
-_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _forward(extractor: keras.Model):
-    """One compiled forward pass per extractor, traced once for any batch size: a fresh
-    tf.function per call, or one per partial-batch shape, retraces a 54M-parameter graph
-    (seconds each)."""
-    if extractor not in _FORWARD:
-        spec = tf.TensorSpec((None, *extractor.input_shape[1:]), tf.float32)
-        _FORWARD[extractor] = tf.function(lambda x: extractor(x, training=False),
-                                          input_signature=[spec])
-    return _FORWARD[extractor]
-
-
-def extract_features(extractor: keras.Model, datasets: list[tf.data.Dataset]) -> np.ndarray:
-    """Run the frozen base once over each view's dataset: array (views, n, features).
-
-    A plain loop over the local dataset rather than `predict`: under a multi-worker strategy
-    `predict` would shard and pad the data across workers, and every worker needs every
-    image's features, in order, to line them up with the labels.
-    """
-    call = _forward(extractor)
-    views = [np.concatenate([np.asarray(call(tf.cast(x, tf.float32)), dtype=np.float32)
-                             for x in ds]) for ds in datasets]
-    return np.stack(views)
-
-
-def extraction_batch(image_size: int, train_batch: int) -> int:
-    """Images per forward pass when caching features: the pixels of 32 images at 299 px,
-    at most 128 images. Small images in bigger batches keep the CPU's matrix units busy
-    (measured at 75 px: batch 128 extracts 1.2x faster than 32); memory stays that of a
-    299 px batch of 32. Never below the training batch."""
-    budget = 32 * 299 * 299
-    return max(train_batch, min(128, budget // (image_size * image_size)))
-
-
-def feature_dataset(features: np.ndarray, onehot: np.ndarray, batch_size: int,
-                    order=None) -> tf.data.Dataset:
-    """Batches of (features, labels); each epoch draws one cached view per image.
-
-    `order`: a keras SeedGenerator to shuffle by (None: in order). The view drawn for an
-    image is a function of that state and the image, so it too restarts with the epoch.
-    """
-    from imgclf.data.pipeline import epoch_order, seed_of
-
-    views, n = features.shape[:2]
-    by_image = tf.convert_to_tensor(np.ascontiguousarray(np.transpose(features, (1, 0, 2))))
-    labels = tf.convert_to_tensor(onehot)
-
-    def pick(batch):  # whole batches: one gather each, not one dataset element per image
-        rows = tf.gather(by_image, batch)  # (batch, views, features)
-        if views == 1 or order is None:
-            return rows[:, 0], tf.gather(labels, batch)
-        seed = seed_of(order) + tf.constant([1, 0], tf.int64)
-        drawn = tf.random.stateless_uniform([n], seed, 0, views, tf.int64)
-        return tf.gather(rows, tf.gather(drawn, batch), batch_dims=1), tf.gather(labels, batch)
-
-    ds = epoch_order(n, order).batch(batch_size).map(pick, num_parallel_calls=tf.data.AUTOTUNE,
-                                                     deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 # ---------------------------------------------------------------- random streams per epoch
@@ -366,6 +303,8 @@ class Data:
     make_images: Callable[..., tf.data.Dataset]
     # () -> state variables of the pipelines' SeedGenerators, for EpochSeeds
     random_states: Callable[[], list] = list
+    # The features stage's arrays (features.cache), or None: every step runs the whole base.
+    features: Features | None = None
 
 
 def _plateau(train: TrainParams) -> list[keras.callbacks.Callback]:
@@ -381,8 +320,7 @@ def _steps(n: int, batch_size: int) -> int:
 
 
 def run_head_phase(classifier: Classifier, data: Data, train: TrainParams, tracker: Tracker,
-                   optimizer_arrays: list[np.ndarray] | None = None,
-                   timings: dict | None = None) -> None:
+                   optimizer_arrays: list[np.ndarray] | None = None) -> None:
     state = tracker.state
     if state.epochs_done >= train.head_epochs or (train.early_stopping_patience
                                                   and state.wait >= train.early_stopping_patience):
@@ -393,23 +331,13 @@ def run_head_phase(classifier: Classifier, data: Data, train: TrainParams, track
     optimizer = make_optimizer(train, lr)
     weights = class_weights(data.train_labels, data.num_classes, train.class_weights)
     onehot = np.eye(data.num_classes, dtype=np.float32)
-    if train.cache_features:
-        start = time.perf_counter()
-        extractor = classifier.feature_extractor()
-        batch = extraction_batch(extractor.input_shape[1], train.batch_size)
-        views = [data.make_images(data.train_files, None, False, None, batch)]
-        views += [data.make_images(data.train_files, None, False, train.seed + 1000 * v, batch)
-                  for v in range(1, train.cache_views)]
-        train_feats = extract_features(extractor, views)
-        val_feats = extract_features(extractor, [data.make_images(data.val_files, None,
-                                                                  False, None, batch)])
-        if timings is not None:
-            timings["feature_cache_seconds"] = round(time.perf_counter() - start, 3)
+    if data.features is not None:
         model = classifier.feature_head()
         order = keras.random.SeedGenerator(train.seed)
-        fit_data = feature_dataset(train_feats, onehot[data.train_labels], train.batch_size,
-                                   order)
-        val_data = feature_dataset(val_feats, onehot[data.val_labels], train.batch_size)
+        fit_data = row_dataset(data.features.reader("train", "pooled"),
+                               onehot[data.train_labels], train.batch_size, order)
+        val_data = row_dataset(data.features.reader("val", "pooled"),
+                               onehot[data.val_labels], train.batch_size)
         streams = seed_states(order, model)
     else:
         model = classifier.model
@@ -450,18 +378,40 @@ def run_finetune_phase(classifier: Classifier, data: Data, train: TrainParams,
     lr = learning_rate(train, train.finetune_lr,
                        _steps(len(data.train_files), train.batch_size), train.finetune_epochs)
     optimizer = make_optimizer(train, lr)
-    compile_model(classifier.model, optimizer, train)  # recompile: `trainable` changed
+    onehot = np.eye(data.num_classes, dtype=np.float32)
+    if data.features is not None and data.features.has_cut:
+        model = on_cut_activations(classifier, data.features.top)
+        order = keras.random.SeedGenerator(train.seed)
+        fit_data = row_dataset(data.features.reader("train", "cut"),
+                               onehot[data.train_labels], train.batch_size, order)
+        val_data = row_dataset(data.features.reader("val", "cut"), onehot[data.val_labels],
+                               train.batch_size)
+        streams = seed_states(order, model)
+    else:
+        model = classifier.model
+        fit_data = data.make_images(data.train_files, data.train_labels, True, train.seed)
+        val_data = data.make_images(data.val_files, data.val_labels, False, None)
+        streams = seed_states(model, *data.random_states())
+    compile_model(model, optimizer, train)  # recompile: `trainable` changed
     if optimizer_arrays:
-        restore_optimizer(optimizer, classifier.model.trainable_variables, optimizer_arrays)
+        restore_optimizer(optimizer, model.trainable_variables, optimizer_arrays)
     tracker.optimizer = optimizer
-    fit_data = data.make_images(data.train_files, data.train_labels, True, train.seed)
-    classifier.model.fit(
-        fit_data,
-        validation_data=data.make_images(data.val_files, data.val_labels, False, None),
-        epochs=end, initial_epoch=state.epochs_done, shuffle=False,
-        class_weight=class_weights(data.train_labels, data.num_classes, train.class_weights),
-        callbacks=[EpochSeeds(seed_states(classifier.model, *data.random_states())),
-                   *tracker.callbacks(*_plateau(train))], verbose=2)
+    model.fit(fit_data, validation_data=val_data, epochs=end, initial_epoch=state.epochs_done,
+              shuffle=False,
+              class_weight=class_weights(data.train_labels, data.num_classes,
+                                         train.class_weights),
+              callbacks=[EpochSeeds(streams), *tracker.callbacks(*_plateau(train))], verbose=2)
+
+
+def on_cut_activations(classifier: Classifier, top: keras.Model) -> keras.Model:
+    """Activations at the cut -> class probabilities: the base's top and the head, sharing
+    the classifier's layers (what it learns, the full model holds). Inference mode for the
+    top, as the full model calls its base."""
+    cut = keras.Input(top.input_shape[1:], name="cut_activations")
+    x = classifier.model.get_layer("head_pool")(top(cut, training=False))
+    for layer in classifier.head_layers:
+        x = layer(x)
+    return keras.Model(cut, x, name="finetune_on_cut")
 
 
 def finish(classifier: Classifier, tracker: Tracker) -> None:

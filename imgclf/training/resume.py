@@ -28,12 +28,13 @@ OPTIMIZER_FILE = "optimizer.npz"
 
 # Keys that cannot change what a training computes: the augmentation preview's, and resume.
 NOT_TRAINING = frozenset({"train.resume", "augment.seed", "augment.preview_images",
-                          "augment.preview_views"})
+                          "augment.preview_views", "features.max_gb"})
 
 
 def fingerprint(params_flat: dict, data_version: str) -> str:
     relevant = {k: v for k, v in params_flat.items()
-                if k.split(".")[0] in ("model", "augment", "train") and k not in NOT_TRAINING}
+                if k.split(".")[0] in ("model", "augment", "features", "train")
+                and k not in NOT_TRAINING}
     blob = json.dumps({"params": relevant, "data": data_version}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

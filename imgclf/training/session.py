@@ -206,7 +206,7 @@ def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
 
 
 def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp: str,
-         run_id: str | None, timings: dict) -> None:
+         run_id: str | None) -> None:
     """Both phases from wherever `tracker.state` stands."""
     from imgclf.training import resume
     from imgclf.training.phases import (
@@ -222,7 +222,7 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
     if state.phase == "head":
         arrays = saved.optimizer_arrays if saved_phase == "head" else None
         run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
-                       optimizer_arrays=arrays, timings=timings)
+                       optimizer_arrays=arrays)
         start_finetune(classifier, tracker)  # from the best weights, saved whole
         resume.save(resume_dir, classifier.model, None, state, fp, run_id,
                     same_weights_as=tracker.best_path)
@@ -245,6 +245,13 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     classes = read_classes()
     data = make_data(params, classes)
     classifier = build_classifier(params.model, len(classes), weights, seed=params.train.seed)
+    if params.features.cache:
+        from imgclf import features
+
+        data.features = features.read(paths.FEATURES_DIR, params, data, classifier)
+    # What this run's training cost beyond its epochs, logged with it: the features stage's
+    # forward pass, which experiments on training params share.
+    timings = {"features_stage_seconds": data.features.meta["seconds"]} if data.features else {}
     fp = resume.fingerprint(params.flat(), store.data_version())
     checkpoints = paths.CHECKPOINTS_DIR if role.is_chief else worker_dir(role, fp)
     resume_dir = checkpoints / paths.RESUME_DIR.name
@@ -275,9 +282,8 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     tracker = Tracker(classifier, state, params.train.monitor,
                       params.train.early_stopping_patience,
                       checkpoints, hooks=hooks)
-    timings: dict = {}
     try:
-        _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_id, timings)
+        _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_id)
     except BaseException:
         if role.is_chief:
             runs.mark_killed(client, run_id)

@@ -1,6 +1,6 @@
 """The `train` options users set, each doing what params.yaml says it does.
 
-Phase 1 runs for real (the head trains on cached features, logged per epoch through the
+Phase 1 runs for real (the head trains on stored features, logged per epoch through the
 Tracker, exactly as the stage runs it); the base is a small stand-in with
 InceptionResNetV2's output width, so each run takes a second instead of a full network build.
 The BatchNorm test uses the real base: it is about that network's statistics.
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import make_class_folders, run_module, set_params
 
+from imgclf import features, paths
 from imgclf.data.manifests import read_classes
 from imgclf.model import network
 from imgclf.params import Params, TrainParams, load_params
@@ -56,6 +57,11 @@ def head_history(project, params: Params, state: TrackerState | None = None,
     classes = read_classes()
     data = make_data(params, classes)
     clf = network.build_classifier(params.model, len(classes), None, seed=params.train.seed)
+    # The features stage's arrays, from this base; pooled only (unfreeze 0): the stand-in
+    # has no block to cut at, and phase 1 reads only the pooled features.
+    head_only = with_train(params, unfreeze=0)
+    features.write(project / "features", clf, head_only, data.train_files, data.val_files)
+    data.features = features.read(project / "features", head_only, data, clf)
     tracker = Tracker(clf, state or TrackerState(), params.train.monitor,
                       params.train.early_stopping_patience, project,
                       list(hooks))
@@ -67,21 +73,21 @@ def lrs(history) -> list[float]:
     return [row["learning_rate"] for row in history]
 
 
-def test_learning_rate_schedules_per_epoch_as_logged(tiny_project, small_base):
+def test_learning_rate_schedules_per_epoch_as_logged(prepared_project, small_base):
     base = with_train(load_params(), head_epochs=4, early_stopping_patience=0, head_lr=0.01)
     steps = math.ceil(_train_size() / base.train.batch_size)
 
-    constant, _ = head_history(tiny_project, base)
+    constant, _ = head_history(prepared_project, base)
     assert lrs(constant) == pytest.approx([0.01] * 4)
 
     # exponential: decay_rate per epoch (one decay step = one epoch's batches).
-    exponential, _ = head_history(tiny_project, with_train(base, lr_schedule="exponential",
+    exponential, _ = head_history(prepared_project, with_train(base, lr_schedule="exponential",
                                                            decay_rate=0.5))
     assert lrs(exponential) == pytest.approx([0.01 * 0.5 ** (e + 1) for e in range(4)],
                                              rel=1e-5)
 
     # cosine: from head_lr down to 0 at the phase's last step.
-    cosine, _ = head_history(tiny_project, with_train(base, lr_schedule="cosine"))
+    cosine, _ = head_history(prepared_project, with_train(base, lr_schedule="cosine"))
     total = 4 * steps
     assert lrs(cosine) == pytest.approx(
         [0.01 * 0.5 * (1 + math.cos(math.pi * (e + 1) * steps / total)) for e in range(4)],
@@ -89,27 +95,27 @@ def test_learning_rate_schedules_per_epoch_as_logged(tiny_project, small_base):
     assert lrs(cosine)[-1] == pytest.approx(0.0, abs=1e-9)
 
     # cosine with warm-up: rises for warmup_epochs to head_lr, then decays.
-    warm, _ = head_history(tiny_project, with_train(base, lr_schedule="cosine",
+    warm, _ = head_history(prepared_project, with_train(base, lr_schedule="cosine",
                                                     warmup_epochs=2))
     rates = lrs(warm)
     assert rates[0] < rates[1] == pytest.approx(0.01, rel=1e-4)
     assert rates[1] > rates[2] > rates[3]
 
 
-def test_plateau_cuts_the_rate_after_patience_epochs_without_progress(tiny_project,
+def test_plateau_cuts_the_rate_after_patience_epochs_without_progress(prepared_project,
                                                                        small_base):
     # A step so small that validation accuracy cannot move: every epoch after the first is
     # "no improvement", so the rate drops by plateau_factor every plateau_patience epochs.
     params = with_train(load_params(), head_epochs=5, early_stopping_patience=0, head_lr=1e-6,
                         lr_schedule="plateau", plateau_factor=0.5, plateau_patience=2)
-    history, _ = head_history(tiny_project, params)
+    history, _ = head_history(prepared_project, params)
     assert len({row["val_accuracy"] for row in history}) == 1
     # Logged at epoch end before the cut of that epoch: epochs 0-2 at 1e-6, the cut after
     # epoch 2 (two epochs without progress), the next after epoch 4.
     assert lrs(history) == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7, 5e-7], rel=1e-5)
 
 
-def test_plateau_cut_and_counters_survive_a_resume(tiny_project, small_base):
+def test_plateau_cut_and_counters_survive_a_resume(prepared_project, small_base):
     """Resumed from the state saved in the very epoch of a cut, the run goes on at the cut
     rate and cuts again when the unbroken run does."""
     import copy
@@ -121,10 +127,10 @@ def test_plateau_cut_and_counters_survive_a_resume(tiny_project, small_base):
     def save(row, tracker):  # what the stage's resume hook saves, when it saves it
         saved[row["epoch"]] = (copy.deepcopy(tracker.state), optimizer_state(tracker.optimizer))
 
-    unbroken, _ = head_history(tiny_project, params, hooks=[save])
+    unbroken, _ = head_history(prepared_project, params, hooks=[save])
     assert lrs(unbroken) == pytest.approx([1e-6] * 3 + [5e-7] * 2 + [2.5e-7], rel=1e-5)
     state, arrays = saved[2]  # the cut came at the end of epoch 2
-    resumed, _ = head_history(tiny_project, params, state=state, optimizer_arrays=arrays)
+    resumed, _ = head_history(prepared_project, params, state=state, optimizer_arrays=arrays)
     assert lrs(resumed) == pytest.approx(lrs(unbroken), rel=1e-5)
 
 
@@ -132,11 +138,11 @@ def test_plateau_cut_and_counters_survive_a_resume(tiny_project, small_base):
     ("adamw", keras.optimizers.AdamW, ("weight_decay", 0.05)),
     ("sgd", keras.optimizers.SGD, ("momentum", 0.8)),
 ])
-def test_optimizer_choice_trains_with_its_own_setting(tiny_project, small_base, name, cls,
+def test_optimizer_choice_trains_with_its_own_setting(prepared_project, small_base, name, cls,
                                                       setting):
     params = with_train(load_params(), head_epochs=2, optimizer=name,
                         **{setting[0]: setting[1]})
-    history, optimizer = head_history(tiny_project, params)
+    history, optimizer = head_history(prepared_project, params)
     assert type(optimizer) is cls
     assert float(getattr(optimizer, setting[0])) == pytest.approx(setting[1])
     assert len(history) == 2 and all(np.isfinite(row["loss"]) for row in history)
@@ -190,12 +196,15 @@ def test_label_smoothing_keeps_a_perfect_prediction_from_zero_loss():
 
 
 @pytest.mark.slow
-def test_phase_two_leaves_the_base_batchnorm_statistics_unchanged(tiny_project):
+@pytest.mark.parametrize("on", ["images", "stored activations"])
+def test_phase_two_leaves_the_base_batchnorm_statistics_unchanged(tiny_project, on):
     params = with_train(load_params(), head_epochs=0, finetune_epochs=1)
     keras_setup(params)
     classes = read_classes()
     data = make_data(params, classes)
     clf = network.build_classifier(params.model, len(classes), None, seed=params.train.seed)
+    if on == "stored activations":
+        data.features = features.read(paths.FEATURES_DIR, params, data, clf)
     norms = [layer for layer in clf.base.layers
              if isinstance(layer, keras.layers.BatchNormalization)]
     before = [[v.numpy().copy() for v in (n.moving_mean, n.moving_variance)] for n in norms]

@@ -88,20 +88,31 @@ def test_offline_imagenet_fails_fast_and_says_what_to_do(project, tmp_path):
     assert elapsed < 30
 
 
-def test_cached_features_give_the_plain_forward_pass(tiny_project):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_stored_features_give_the_full_models_answers(tiny_project, dtype):
+    """Phase 1's head on the pooled features, and phase 2's top + head on the activations at
+    the cut, answer as the whole model does on the images (float16 storage: within 1e-3)."""
+    from imgclf import features, paths
     from imgclf.data.manifests import read_classes
     from imgclf.params import load_params
-    from imgclf.training.phases import extract_features
+    from imgclf.training.phases import on_cut_activations
     from imgclf.training.session import make_data
 
+    set_params(tiny_project, features__dtype=dtype)
+    assert run_module("stages.features", tiny_project).returncode == 0
     params = load_params()
     data = make_data(params, read_classes())
-    clf = build_classifier(params.model, 3, None)
-    images = data.make_images(data.val_files, None, False, None)
-    cached = extract_features(clf.feature_extractor(), [images])[0]
-    via_head = clf.feature_head().predict(cached, verbose=0)
-    plain = clf.model.predict(images, verbose=0)
-    np.testing.assert_allclose(via_head, plain, atol=1e-6)
+    clf = build_classifier(params.model, 3, None, seed=5)  # another head, the same base
+    stored = features.read(paths.FEATURES_DIR, params, data, clf)
+    plain = clf.model.predict(data.make_images(data.val_files, None, False, None), verbose=0)
+    everything = np.arange(len(data.val_files))
+    first_view = np.zeros_like(everything)
+    pooled = stored.reader("val", "pooled").read(first_view, everything)
+    np.testing.assert_allclose(clf.feature_head().predict(pooled, verbose=0), plain, atol=1e-6)
+    cut = stored.reader("val", "cut").read(first_view, everything)
+    assert cut.shape[1:] == (1, 1, 2080)  # block8_9's output at 75 px
+    on_cut = on_cut_activations(clf, stored.top).predict(cut, verbose=0)
+    np.testing.assert_allclose(on_cut, plain, atol=1e-6 if dtype == "float32" else 1e-3)
 
 
 def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
@@ -324,12 +335,14 @@ def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project)
     assert {layer.dtype_policy.name for layer in shipped.layers} == {"float32"}
 
 
-def test_cached_views_are_drawn_per_image_per_epoch():
-    from imgclf.training.phases import feature_dataset
+def test_cached_views_are_drawn_per_image_per_epoch(tmp_path):
+    from imgclf.features import RowReader, row_dataset
 
     views, n = 3, 40
-    features = np.stack([np.full((n, 4), v, np.float32) for v in range(views)])
+    np.save(tmp_path / "rows.npy", np.stack([np.full((n, 4), v, np.float16)
+                                              for v in range(views)]))
     onehot = np.eye(2, dtype=np.float32)[np.arange(n) % 2]
-    ds = feature_dataset(features, onehot, batch_size=8, order=keras.random.SeedGenerator(1))
+    ds = row_dataset(RowReader(tmp_path / "rows.npy"), onehot, batch_size=8,
+                     order=keras.random.SeedGenerator(1))
     drawn = np.concatenate([x.numpy()[:, 0] for x, _ in ds])
     assert len(drawn) == n and set(drawn) <= {0.0, 1.0, 2.0} and len(set(drawn)) > 1
