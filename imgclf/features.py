@@ -16,6 +16,7 @@ another base.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,28 +140,24 @@ def write(directory: Path, classifier, params: Params, train_files: list[str],
     with io.replaced_dir(directory) as staging:
         for name, views in sources.items():
             n = len(views[0][0])
-            arrays = {"pooled": np.lib.format.open_memmap(
-                staging / f"{name}_pooled.npy", "w+", POOLED_DTYPE,
-                (len(views), n, plan.pooled_dim))}
+            shapes = {"pooled": ((len(views), n, plan.pooled_dim), POOLED_DTYPE)}
             if split:
-                arrays["cut"] = np.lib.format.open_memmap(
-                    staging / f"{name}_cut.npy", "w+", plan.cut_dtype,
-                    (len(views), n, *plan.cut_shape))
-            for v, (files, seed) in enumerate(views):
-                row = 0
-                images = image_dataset(files, None, 0, params.model.image_size,
-                                       params.model.resize, batch, augmenter=None if seed is None
-                                       else augmenter(params.augment, seed))
-                for x in images:
-                    out = forward(tf.cast(x, tf.float32))
-                    cut, pooled = out if split else (None, out)
-                    arrays["pooled"][v, row:row + len(x)] = np.asarray(pooled)
-                    if split:
-                        arrays["cut"][v, row:row + len(x)] = np.asarray(cut)
-                    row += len(x)
-            for array in arrays.values():
-                array.flush()
-            del arrays
+                shapes["cut"] = ((len(views), n, *plan.cut_shape), plan.cut_dtype)
+            with contextlib.ExitStack() as files_open:
+                out = {kind: files_open.enter_context(_NpyWriter(
+                    staging / f"{name}_{kind}.npy", shape, dtype))
+                    for kind, (shape, dtype) in shapes.items()}
+                for files, seed in views:  # view-major, as the arrays are laid out
+                    images = image_dataset(files, None, 0, params.model.image_size,
+                                           params.model.resize, batch,
+                                           augmenter=None if seed is None
+                                           else augmenter(params.augment, seed))
+                    for x in images:
+                        result = forward(tf.cast(x, tf.float32))
+                        cut, pooled = result if split else (None, result)
+                        out["pooled"].append(pooled)
+                        if split:
+                            out["cut"].append(cut)
         meta = {"train_files": files_digest(train_files), "val_files": files_digest(val_files),
                 "image_size": params.model.image_size, "resize": params.model.resize,
                 "unfreeze": params.train.unfreeze, "views": plan.views,
@@ -171,6 +168,34 @@ def write(directory: Path, classifier, params: Params, train_files: list[str],
                 "seconds": round(time.perf_counter() - start, 3)}
         io.write_json(staging / META, meta)
     return meta
+
+
+class _NpyWriter:
+    """A `.npy` file written front to back, batch by batch: written bytes go to the page
+    cache, not to this process's memory (a memory map's dirty pages would count as its own,
+    growing with the dataset)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: str):
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.rows = 0
+
+    def __enter__(self) -> _NpyWriter:
+        self.handle = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
+        np.lib.format.write_array_header_2_0(self.handle, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": self.shape})
+        return self
+
+    def append(self, batch) -> None:
+        rows = np.ascontiguousarray(np.asarray(batch), dtype=self.dtype)
+        self.handle.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def __exit__(self, kind, *_) -> None:
+        self.handle.close()
+        if kind is None and self.rows != self.shape[0] * self.shape[1]:
+            raise RuntimeError(f"{self.path}: {self.rows} rows written, "
+                               f"{self.shape[0] * self.shape[1]} declared")
 
 
 class RowReader:

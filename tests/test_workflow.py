@@ -38,7 +38,7 @@ def test_readme_walkthrough(dvc_repo):
     assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
     first_out, _ = first_proc.communicate(timeout=900)
     assert first_proc.returncode == 0, first_out[-3000:]
-    for stage in ("prepare", "augment_preview", "train", "evaluate"):
+    for stage in ("prepare", "augment_preview", "features", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first_out
     assert "Running stage" not in sh(["dvc", "repro", "evaluate"], repo).stdout
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
@@ -62,8 +62,11 @@ def test_readme_walkthrough(dvc_repo):
     sh([*mlflow_run, "-e", "train", "--run-name", "lr-high", "-P", "head_lr=0.05",
         "-P", "image_size=75", "-P", "weights=null", "-P", "batch_size=4",
         "-P", "head_epochs=1", "-P", "finetune_epochs=0"], repo)
-    sh(["dvc", "exp", "run", "--temp", "-n", "lr-low", "-S", "train.head_lr=0.001",
-        "evaluate"], repo)
+    low = sh(["dvc", "exp", "run", "--temp", "-n", "lr-low", "-S", "train.head_lr=0.001",
+              "evaluate"], repo)
+    # A training param: the base's pass over every image (the features stage) is reused.
+    assert "Running stage 'train'" in low.stdout
+    assert "Running stage 'features'" not in low.stdout
     table = json.dumps(json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout))
     assert "0.05" in table and "lr-low" in table
     assert sh(["dvc", "metrics", "diff", "HEAD"], repo).returncode == 0

@@ -42,8 +42,12 @@ QUANTISED_MIN_AGREEMENT = 0.98  # top-1 agreement with Keras for a quantised mod
 # SavedModel and TFLite float32 compute what Keras computes: they may differ by round-off only.
 FLOAT_TOLERANCE = 1e-4
 # The image-bytes signature decodes in TensorFlow, not Pillow: resampling round-off may move a
-# close call, nothing more.
+# close call, nothing more. So agreement is counted over the images Keras does not call close
+# (top-1 ahead of the runner-up by this much probability): round-off flips near-ties, and a
+# random-init model (tests, the demo) answers nearly every image with one (seen: 96.5% at
+# 150 px, every flip a near-tie).
 BYTES_MIN_AGREEMENT = 0.99
+BYTES_DECIDED_MARGIN = 0.02
 
 
 def _tf_fit_to_square(image, size: int, mode: str):
@@ -191,15 +195,26 @@ def collect_probs(runners: dict, files: list[str], size: int, resize: str,
     return {k: np.concatenate(v) for k, v in out.items()}, sample
 
 
+def decided(probs: np.ndarray, margin: float = BYTES_DECIDED_MARGIN) -> np.ndarray:
+    """Which rows' top-1 leads the runner-up by at least `margin`."""
+    top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.ones((len(probs), 2))
+    return (top2[:, 1] - top2[:, 0]) >= margin
+
+
 def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
-                    batch_size: int) -> float:
-    """Top-1 agreement of the image-bytes signature (TF decoding) with Keras on PIL pixels."""
+                    batch_size: int) -> tuple[float, int]:
+    """Top-1 agreement of the image-bytes signature (TF decoding) with Keras on PIL pixels,
+    over the images Keras does not call close; (agreement, how many such images)."""
     fn = saved_model_bytes_fn(saved_model)
     predicted = []
     for start in range(0, len(files), batch_size):
         blobs = [Path(f).read_bytes() for f in files[start:start + batch_size]]
         predicted.append(fn(blobs)["probabilities"].numpy().argmax(1))
-    return round(float((np.concatenate(predicted) == reference.argmax(1)).mean()), 6)
+    counted = decided(reference)
+    if not counted.any():
+        return 1.0, 0
+    same = np.concatenate(predicted)[counted] == reference.argmax(1)[counted]
+    return round(float(same.mean()), 6), int(counted.sum())
 
 
 def export_all(params: Params, model, classes: list[str], files: list[str]) -> dict:
@@ -241,11 +256,11 @@ def export_all(params: Params, model, classes: list[str], files: list[str]) -> d
         if broken:
             raise RuntimeError(f"export parity failed for {broken}: "
                                f"{ {n: formats[n] for n in broken} }")
-        bytes_agreed = bytes_agreement(saved_model, files, reference, batch)
+        bytes_agreed, bytes_counted = bytes_agreement(saved_model, files, reference, batch)
         if bytes_agreed < BYTES_MIN_AGREEMENT:
             raise RuntimeError(f"export parity failed for the image-bytes signature: top-1 "
-                               f"agreement {bytes_agreed} < {BYTES_MIN_AGREEMENT} on "
-                               f"{len(files)} test images")
+                               f"agreement {bytes_agreed} < {BYTES_MIN_AGREEMENT} on the "
+                               f"{bytes_counted} test images that are no close call")
         usable = exact + [n for n in formats if n.startswith("tflite_") and n not in exact
                           and formats[n]["top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
         recommended = max(usable, key=lambda n: formats[n]["images_per_s"])
@@ -255,6 +270,7 @@ def export_all(params: Params, model, classes: list[str], files: list[str]) -> d
             "speedup_vs_keras_predict": round(
                 formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2),
             "bytes_signature_top1_agreement": bytes_agreed,
+            "bytes_signature_images_counted": bytes_counted,
         }
         (staging / META).write_text(json.dumps(
             {"image_size": size, "resize": resize, "recommended": recommended,

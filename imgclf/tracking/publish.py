@@ -84,10 +84,12 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tuple[dict, str]:
+def serving_artifacts(client, run_id: str, params: Params, folder: Path,
+                      model=None) -> tuple[dict, str]:
     """(extra pyfunc artifacts, the format serving computes with) for mlflow.serving_format:
     with `auto`, a dynamic-range TFLite copy when it agrees with Keras on enough validation
-    images (top-1, logged as `serving_top1_agreement`)."""
+    images (top-1, logged as `serving_top1_agreement`). `model`: the saved model when the
+    caller holds it (train does: loading 200 MB again would cost seconds for nothing)."""
     if params.mlflow.serving_format == "keras":
         return {}, "keras"
     import keras
@@ -102,7 +104,8 @@ def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tupl
     picked = sorted(set(np.linspace(0, len(files) - 1, SERVING_SAMPLE).round().astype(int)))
     pixels = np.concatenate([p for _good, p, _bad in iter_batches(
         [files[i] for i in picked], params.model.image_size, params.model.resize, 32)])
-    model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
+    if model is None:
+        model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     path, agreement = serving_copy(model, pixels, folder)
     client.log_metric(run_id, "serving_top1_agreement", agreement)
     fmt = f"tflite_{SERVING_VARIANT}" if path else "keras"
@@ -112,7 +115,7 @@ def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tupl
 
 
 def log_model(client, run_id: str, params: Params, timings: dict,
-              calibration: dict | None = None) -> dict:
+              calibration: dict | None = None, model=None) -> dict:
     """Artifacts and timings to the run; the pyfunc logged and registered as a new version."""
     import mlflow
     import pandas as pd
@@ -136,7 +139,7 @@ def log_model(client, run_id: str, params: Params, timings: dict,
                             ParamSpec("tta", "boolean", False)]),
     )
     with tempfile.TemporaryDirectory() as tmp:
-        extra, serving_format = serving_artifacts(client, run_id, params, Path(tmp))
+        extra, serving_format = serving_artifacts(client, run_id, params, Path(tmp), model)
         config = Path(tmp) / "config.json"
         config.write_text(json.dumps({"image_size": params.model.image_size,
                                       "resize": params.model.resize,
@@ -159,9 +162,10 @@ def log_model(client, run_id: str, params: Params, timings: dict,
     return {"model_uri": info.model_uri, "version": info.registered_model_version}
 
 
-def publish(client, params: Params, pending: dict) -> dict:
-    """Send MLflow what a finished training has on disk (`pending`), then write
-    reports/train.json. A server that does not answer leaves models/mlflow_pending.json."""
+def publish(client, params: Params, pending: dict, model=None) -> dict:
+    """Send MLflow what a finished training has on disk (`pending`; `model`: the model file's
+    model, when in memory), then write reports/train.json. A server that does not answer
+    leaves models/mlflow_pending.json."""
     run_id = pending["run_id"]
     try:
         if pending["first_unsent_epoch"] is not None:
@@ -169,7 +173,7 @@ def publish(client, params: Params, pending: dict) -> dict:
                                            if r["epoch"] >= pending["first_unsent_epoch"]])
             pending = {**pending, "first_unsent_epoch": None}
         model_info = log_model(client, run_id, params, pending["timings"],
-                               pending["outputs"].get("calibration"))
+                               pending["outputs"].get("calibration"), model)
         # The card without its test section until evaluate measures the served model.
         card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
                           pending["outputs"])

@@ -106,15 +106,37 @@ def weights_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibrate(model, data, params: Params) -> dict:
+def validation_probs(classifier, data, params: Params):
+    """The model's probabilities on the validation split: from the stored activations when
+    there are some (the top block and the head run, not the base), else from the images."""
+    if data.features is None:
+        return classifier.model.predict(data.make_images(data.val_files, None, False, None),
+                                        verbose=0)
+    import numpy as np
+
+    from imgclf.features import row_dataset
+    from imgclf.model.network import split_base
+    from imgclf.training.phases import on_cut_activations
+
+    if data.features.has_cut:
+        top = split_base(classifier.base, params.train.unfreeze)[1]
+        model, kind = on_cut_activations(classifier, top), "cut"
+    else:  # nothing was fine-tuned: the pooled features are still the base's
+        model, kind = classifier.feature_head(), "pooled"
+    onehot = np.eye(data.num_classes, dtype=np.float32)[data.val_labels]
+    return model.predict(row_dataset(data.features.reader("val", kind), onehot,
+                                     params.train.batch_size), verbose=0)
+
+
+def calibrate(classifier, data, params: Params) -> dict:
     """Fit the temperature on the validation split (the best weights are loaded by now) and
-    bake it into `model`; returns T and the validation log loss before and after."""
+    bake it into the classifier; returns T and the validation log loss before and after."""
     from imgclf.metrics import nll
     from imgclf.model.calibration import bake_temperature, fit_temperature
 
-    probs = model.predict(data.make_images(data.val_files, None, False, None), verbose=0)
+    probs = validation_probs(classifier, data, params)
     temperature = fit_temperature(probs, data.val_labels)
-    bake_temperature(model, temperature)
+    bake_temperature(classifier.model, temperature)
     result = {"temperature": round(temperature, 6),
               "val_log_loss_before": round(nll(probs, data.val_labels), 6),
               "val_log_loss_after": round(nll(probs, data.val_labels, temperature), 6)}
@@ -297,7 +319,7 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
         shutil.rmtree(checkpoints, ignore_errors=True)
         return {"weights_digest": digest, "worker": role.index}
     classifier = shipped_copy(classifier, params, len(classes))
-    calibration = calibrate(classifier.model, data, params) if params.train.calibrate else {}
+    calibration = calibrate(classifier, data, params) if params.train.calibrate else {}
     with io.replacing(paths.MODEL_FILE) as tmp:
         classifier.model.save(tmp)
     outputs = write_reports(params, state, timings)
@@ -314,4 +336,4 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     io.write_json(paths.MLFLOW_PENDING, pending)
     # The model is saved: the checkpoints (resume state, best weights) have served.
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return publish(client, params, pending)
+    return publish(client, params, pending, classifier.model)

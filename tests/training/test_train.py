@@ -115,6 +115,27 @@ def test_stored_features_give_the_full_models_answers(tiny_project, dtype):
     np.testing.assert_allclose(on_cut, plain, atol=1e-6 if dtype == "float32" else 1e-3)
 
 
+def test_features_stage_says_its_size_and_refuses_above_its_budget(prepared_project):
+    set_params(prepared_project, features__max_gb=1e-6)
+    refused = run_module("stages.features", prepared_project)
+    assert refused.returncode == 2
+    message = refused.stderr.strip().splitlines()[-1]
+    assert "features.max_gb" in message and "features.cache false" in message
+    assert "Traceback" not in refused.stderr
+    assert not (prepared_project / "data/features").exists()
+    set_params(prepared_project, features__max_gb=1)
+    stored = run_module("stages.features", prepared_project)
+    assert stored.returncode == 0 and "features: storing 0.2 MB" in stored.stdout
+
+
+def test_train_refuses_features_made_for_other_params(tiny_project):
+    set_params(tiny_project, model__image_size=96)  # the stored arrays are of 75 px images
+    refused = run_module("stages.train", tiny_project)
+    assert refused.returncode == 2
+    assert "image_size" in refused.stderr and "features stage again" in refused.stderr
+    assert not (tiny_project / "models/model.keras").exists()
+
+
 def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
     from imgclf.training.phases import Tracker, TrackerState, finish, start_finetune
 
