@@ -361,22 +361,34 @@ def bench_xla(work: Path, args) -> dict:
 # ------------------------------------------------------------------ pipeline runs
 
 
-def _tiny_repo(work: Path, per_class: int) -> Path:
-    repo = work / "repo"
+def _project_copy(repo: Path) -> Path:
+    """`repo` made a copy of the project: pipeline, params and code."""
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for package in ("stages", "imgclf"):
         shutil.copytree(ROOT / package, repo / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
+def _tiny_repo(work: Path, per_class: int) -> Path:
+    repo = _project_copy(work / "repo")
     from imgclf.data.demo import write_digits
 
     write_digits(repo / "data/raw", limit_per_class=per_class)
-    env = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
+    return _versioned(repo)
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}
+
+
+def _versioned(repo: Path) -> Path:
+    """`repo` as a git + DVC repository with everything in it committed."""
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-q", "-m", "init"]):
-        _run(cmd, repo, env)
+        _run(cmd, repo, GIT_ENV)
     return repo
 
 
@@ -423,25 +435,12 @@ STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "evaluate", "e
 
 def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
     """A git + DVC repository of the project holding `images` generated 400x300 photos."""
-    repo = work / f"photos-{images}"
-    repo.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for package in ("stages", "imgclf"):
-        shutil.copytree(ROOT / package, repo / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    repo = _project_copy(work / f"photos-{images}")
     for i, img in enumerate(_photo_like(images, seed=3)):
         path = repo / "data/raw" / f"class_{i % classes}" / f"img_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, quality=90)
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-q", "-m", "init"]):
-        _run(cmd, repo, GIT_ENV)
-    return repo
-
-
-GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}
+    return _versioned(repo)
 
 
 def _timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -511,6 +510,7 @@ def bench_pipeline_cost(work: Path, args) -> dict:
     fixed = runs[small]["pipeline_seconds"] - slope * small
 
     repo = runs[large]["repo"]
+    export = json.loads((repo / "reports/export.json").read_text())
     _run(["git", "add", "-A"], repo, GIT_ENV)
     _run(["git", "commit", "-q", "-m", "baseline"], repo, GIT_ENV)
     before = _cache_mb(repo)
@@ -525,6 +525,13 @@ def bench_pipeline_cost(work: Path, args) -> dict:
         "experiment_cache_mb": round(experiment_mb, 1),
         "peak_rss_mb_by_stage": {stage: [runs[n]["stages"][stage]["peak_rss_mb"]
                                          for n in (small, large)] for stage in STAGE_ORDER},
+        # The export stage's own table at this size (random init: its quantised agreement
+        # counts only the images that are no close call).
+        f"export_speedup_{size}": export["speedup_vs_keras_predict"],
+        f"export_{size}": {"recommended": export["recommended"], "formats": {
+            n: {k: f.get(k) for k in ("images_per_s", "top1_agreement",
+                                      "decided_top1_agreement", "decided_images")}
+            for n, f in export["formats"].items()}},
         "pipeline": {"image_size": size, "images": [small, large], "classes": 8,
                      "photo": "400x300 JPEG", "epochs": "params.yaml defaults, no early stop",
                      "seconds_by_stage": {n: {k: v["seconds"] for k, v in r["stages"].items()}

@@ -22,7 +22,7 @@ import numpy as np
 from imgclf import io, paths
 from imgclf.data.images import PAD_VALUE
 from imgclf.errors import UserError
-from imgclf.metrics import parity
+from imgclf.metrics import decided, parity
 from imgclf.params import Params
 from imgclf.serving.batches import iter_batches
 from imgclf.serving.runners import (
@@ -42,12 +42,10 @@ QUANTISED_MIN_AGREEMENT = 0.98  # top-1 agreement with Keras for a quantised mod
 # SavedModel and TFLite float32 compute what Keras computes: they may differ by round-off only.
 FLOAT_TOLERANCE = 1e-4
 # The image-bytes signature decodes in TensorFlow, not Pillow: resampling round-off may move a
-# close call, nothing more. So agreement is counted over the images Keras does not call close
-# (top-1 ahead of the runner-up by this much probability): round-off flips near-ties, and a
-# random-init model (tests, the demo) answers nearly every image with one (seen: 96.5% at
-# 150 px, every flip a near-tie).
+# close call, nothing more. Agreement here, and a quantised format's, is counted over the
+# images that are no close call for Keras (`metrics.decided`): on a random-init model every
+# answer is a near-tie, and counting them failed the stage (96.5% at 150 px) and served Keras.
 BYTES_MIN_AGREEMENT = 0.99
-BYTES_DECIDED_MARGIN = 0.02
 
 
 def _tf_fit_to_square(image, size: int, mode: str):
@@ -176,7 +174,8 @@ def serving_copy(model, pixels: np.ndarray, folder: Path) -> tuple[Path | None, 
     path = folder / tflite_name(SERVING_VARIANT)
     write_tflite(folder / SAVED_MODEL, {SERVING_VARIANT: path})
     keras_fn, lite = keras_predictor(model), tflite_runner(path, f"tflite_{SERVING_VARIANT}")
-    agreement = parity(in_chunks(keras_fn, pixels), in_chunks(lite, pixels))["top1_agreement"]
+    agreement = parity(in_chunks(keras_fn, pixels),
+                       in_chunks(lite, pixels))["decided_top1_agreement"]
     return (path if agreement >= QUANTISED_MIN_AGREEMENT else None), agreement
 
 
@@ -195,12 +194,6 @@ def collect_probs(runners: dict, files: list[str], size: int, resize: str,
     return {k: np.concatenate(v) for k, v in out.items()}, sample
 
 
-def decided(probs: np.ndarray, margin: float = BYTES_DECIDED_MARGIN) -> np.ndarray:
-    """Which rows' top-1 leads the runner-up by at least `margin`."""
-    top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.ones((len(probs), 2))
-    return (top2[:, 1] - top2[:, 0]) >= margin
-
-
 def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
                     batch_size: int) -> tuple[float, int]:
     """Top-1 agreement of the image-bytes signature (TF decoding) with Keras on PIL pixels,
@@ -211,10 +204,8 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
         blobs = [Path(f).read_bytes() for f in files[start:start + batch_size]]
         predicted.append(fn(blobs)["probabilities"].numpy().argmax(1))
     counted = decided(reference)
-    if not counted.any():
-        return 1.0, 0
-    same = np.concatenate(predicted)[counted] == reference.argmax(1)[counted]
-    return round(float(same.mean()), 6), int(counted.sum())
+    same = np.concatenate(predicted) == reference.argmax(1)
+    return (round(float(same[counted].mean()), 6) if counted.any() else 1.0), int(counted.sum())
 
 
 def export_all(params: Params, model, classes: list[str], files: list[str]) -> dict:
@@ -262,7 +253,7 @@ def export_all(params: Params, model, classes: list[str], files: list[str]) -> d
                                f"agreement {bytes_agreed} < {BYTES_MIN_AGREEMENT} on the "
                                f"{bytes_counted} test images that are no close call")
         usable = exact + [n for n in formats if n.startswith("tflite_") and n not in exact
-                          and formats[n]["top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
+                          and formats[n]["decided_top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
         recommended = max(usable, key=lambda n: formats[n]["images_per_s"])
         report = {
             "n_test": len(files), "image_size": size, "resize": resize, "batch_size": batch,

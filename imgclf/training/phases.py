@@ -329,28 +329,39 @@ def run_head_phase(classifier: Classifier, data: Data, train: TrainParams, track
     lr = learning_rate(train, train.head_lr, _steps(len(data.train_files), train.batch_size),
                        train.head_epochs)
     optimizer = make_optimizer(train, lr)
-    weights = class_weights(data.train_labels, data.num_classes, train.class_weights)
+    stored = (classifier.feature_head(), "pooled") if data.features is not None else None
+    _fit_phase(classifier, data, train, tracker, optimizer, optimizer_arrays, stored,
+               train.head_epochs)
+
+
+def _fit_phase(classifier: Classifier, data: Data, train: TrainParams, tracker: Tracker,
+               optimizer, optimizer_arrays: list[np.ndarray] | None,
+               stored: tuple[keras.Model, str] | None, end: int) -> None:
+    """Train up to epoch `end`: with `stored` (a model, and the kind of stored array it
+    reads) on the features stage's arrays, else the whole model on images."""
     onehot = np.eye(data.num_classes, dtype=np.float32)
-    if data.features is not None:
-        model = classifier.feature_head()
+    if stored is not None:
+        model, kind = stored
         order = keras.random.SeedGenerator(train.seed)
-        fit_data = row_dataset(data.features.reader("train", "pooled"),
-                               onehot[data.train_labels], train.batch_size, order)
-        val_data = row_dataset(data.features.reader("val", "pooled"),
-                               onehot[data.val_labels], train.batch_size)
+        fit_data = row_dataset(data.features.reader("train", kind), onehot[data.train_labels],
+                               train.batch_size, order)
+        val_data = row_dataset(data.features.reader("val", kind), onehot[data.val_labels],
+                               train.batch_size)
         streams = seed_states(order, model)
     else:
         model = classifier.model
         fit_data = data.make_images(data.train_files, data.train_labels, True, train.seed)
         val_data = data.make_images(data.val_files, data.val_labels, False, None)
         streams = seed_states(model, *data.random_states())
-    compile_model(model, optimizer, train)
+    compile_model(model, optimizer, train)  # (re)compiled: `trainable` changed
     if optimizer_arrays:
         restore_optimizer(optimizer, model.trainable_variables, optimizer_arrays)
     tracker.optimizer = optimizer
     # shuffle=False: the datasets shuffle themselves, by epoch (Keras would only warn).
-    model.fit(fit_data, validation_data=val_data, epochs=train.head_epochs,
-              initial_epoch=state.epochs_done, class_weight=weights, shuffle=False,
+    model.fit(fit_data, validation_data=val_data, epochs=end,
+              initial_epoch=tracker.state.epochs_done, shuffle=False,
+              class_weight=class_weights(data.train_labels, data.num_classes,
+                                         train.class_weights),
               callbacks=[EpochSeeds(streams), *tracker.callbacks(*_plateau(train))], verbose=2)
 
 
@@ -378,29 +389,10 @@ def run_finetune_phase(classifier: Classifier, data: Data, train: TrainParams,
     lr = learning_rate(train, train.finetune_lr,
                        _steps(len(data.train_files), train.batch_size), train.finetune_epochs)
     optimizer = make_optimizer(train, lr)
-    onehot = np.eye(data.num_classes, dtype=np.float32)
+    stored = None
     if data.features is not None and data.features.has_cut:
-        model = on_cut_activations(classifier, data.features.top)
-        order = keras.random.SeedGenerator(train.seed)
-        fit_data = row_dataset(data.features.reader("train", "cut"),
-                               onehot[data.train_labels], train.batch_size, order)
-        val_data = row_dataset(data.features.reader("val", "cut"), onehot[data.val_labels],
-                               train.batch_size)
-        streams = seed_states(order, model)
-    else:
-        model = classifier.model
-        fit_data = data.make_images(data.train_files, data.train_labels, True, train.seed)
-        val_data = data.make_images(data.val_files, data.val_labels, False, None)
-        streams = seed_states(model, *data.random_states())
-    compile_model(model, optimizer, train)  # recompile: `trainable` changed
-    if optimizer_arrays:
-        restore_optimizer(optimizer, model.trainable_variables, optimizer_arrays)
-    tracker.optimizer = optimizer
-    model.fit(fit_data, validation_data=val_data, epochs=end, initial_epoch=state.epochs_done,
-              shuffle=False,
-              class_weight=class_weights(data.train_labels, data.num_classes,
-                                         train.class_weights),
-              callbacks=[EpochSeeds(streams), *tracker.callbacks(*_plateau(train))], verbose=2)
+        stored = on_cut_activations(classifier, data.features.top), "cut"
+    _fit_phase(classifier, data, train, tracker, optimizer, optimizer_arrays, stored, end)
 
 
 def on_cut_activations(classifier: Classifier, top: keras.Model) -> keras.Model:

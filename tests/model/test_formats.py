@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import run_module
 
-from imgclf.model.formats import decided
+from imgclf.metrics import decided
 
 
 def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
