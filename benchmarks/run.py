@@ -640,34 +640,11 @@ def bench_prepare(work: Path, args) -> dict:
     groups = json.loads((root / "reports/prepare.json").read_text())["near_duplicate_groups"]
     return {"prepare_images_per_s": round(args.prepare_images / seconds["on"], 1),
             "prepare_near_duplicate_gate_slowdown": round(seconds["on"] / seconds["off"], 3),
-            "prepare_file_check_and_hash_vs_colour_check": _file_check_ratio(
-                sorted(raw.glob("*/*.jpg"))[:500]),
             "prepare_peak_rss_mb": round(peak / 1024, 1),
             "prepare": {"images": args.prepare_images, "size": "500x375 JPEG",
                         "seconds_gate_on": round(seconds["on"], 2),
                         "seconds_gate_off": round(seconds["off"], 2),
                         "near_duplicate_groups": len(groups), "workers": os.cpu_count()}}
-
-
-def _file_check_ratio(files: list[Path]) -> float:
-    """One process, the same files: what prepare does per file now (a greyscale decode and
-    the perceptual hash) against what it did before the leakage gate (a colour decode)."""
-    from imgclf.data.images import inspect_and_decode
-    from imgclf.data.leakage import perceptual_hash
-
-    def colour(path):
-        inspect_and_decode(path, 10**9, 1)
-
-    def grey_and_hash(path):
-        perceptual_hash(inspect_and_decode(path, 10**9, 1, grey=True)[1])
-
-    best = {}
-    for way in (colour, grey_and_hash) * 5:  # alternated, best of five
-        start = time.perf_counter()
-        for path in files:
-            way(path)
-        best[way] = min(best.get(way, float("inf")), time.perf_counter() - start)
-    return round(best[grey_and_hash] / best[colour], 3)
 
 
 def _photo_like(count: int, seed: int = 0, size=(400, 300)):
