@@ -126,8 +126,8 @@ def write(directory: Path, classifier, params: Params, train_files: list[str],
     check_budget(plan, params)
     print(f"features: storing {plan.total_bytes() / 1e6:,.1f} MB: "
           f"{plan.train_images} train images x {plan.views} view(s) + {plan.val_images} val; "
-          + (f"cut at {split[0].layers[-1].name} {'x'.join(map(str, plan.cut_shape))} "
-             f"{plan.cut_dtype} and " if split else "")
+          + (f"activations below {params.train.unfreeze} "
+             f"{'x'.join(map(str, plan.cut_shape))} {plan.cut_dtype} and " if split else "")
           + f"pooled {plan.pooled_dim} {POOLED_DTYPE}")
     extractor = _extractor(classifier, split)
     spec = tf.TensorSpec((None, *extractor.input_shape[1:]), tf.float32)
