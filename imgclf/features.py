@@ -38,15 +38,6 @@ def files_digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
-def base_digest(base) -> str:
-    """A short hash of the base's weights: the frozen layers train will run must be those
-    the arrays came from (the same imagenet file, or the same seeded random init)."""
-    digest = hashlib.sha256()
-    for array in base.get_weights():
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class Plan:
     """What the stage will write, known before any image is read."""
@@ -103,11 +94,15 @@ def extraction_batch(image_size: int) -> int:
     return max(1, min(128, 32 * 299 * 299 // (image_size * image_size)))
 
 
-def plan_for(params: Params, classifier, split, train_images: int, val_images: int) -> Plan:
+def cut_shape(split) -> tuple[int, ...] | None:
+    """The shape of one image's activations at the cut (`network.split_base`'s), or None."""
+    return tuple(int(d) for d in split[1].input_shape[1:]) if split else None
+
+
+def plan_for(params: Params, split, train_images: int, val_images: int) -> Plan:
     from imgclf.model.network import FEATURE_DIM
 
-    cut_shape = tuple(int(d) for d in split[1].input_shape[1:]) if split else None
-    return Plan(train_images, val_images, params.features.views, FEATURE_DIM, cut_shape,
+    return Plan(train_images, val_images, params.features.views, FEATURE_DIM, cut_shape(split),
                 params.features.dtype)
 
 
@@ -119,10 +114,10 @@ def write(directory: Path, classifier, params: Params, train_files: list[str],
 
     from imgclf.data.pipeline import image_dataset
     from imgclf.model.augmentation import augmenter
-    from imgclf.model.network import split_base
+    from imgclf.model.network import split_base, weights_digest
 
     split = split_base(classifier.base, params.train.unfreeze)
-    plan = plan_for(params, classifier, split, len(train_files), len(val_files))
+    plan = plan_for(params, split, len(train_files), len(val_files))
     check_budget(plan, params)
     print(f"features: storing {plan.total_bytes() / 1e6:,.1f} MB: "
           f"{plan.train_images} train images x {plan.views} view(s) + {plan.val_images} val; "
@@ -163,7 +158,7 @@ def write(directory: Path, classifier, params: Params, train_files: list[str],
                 "unfreeze": params.train.unfreeze, "views": plan.views,
                 "cut_layer": split[0].layers[-1].name if split else None,
                 "cut_shape": list(plan.cut_shape) if split else None,
-                "cut_dtype": plan.cut_dtype, "base": base_digest(classifier.base),
+                "cut_dtype": plan.cut_dtype, "base": weights_digest(classifier.base),
                 "bytes": plan.total_bytes(),
                 "seconds": round(time.perf_counter() - start, 3)}
         io.write_json(staging / META, meta)
@@ -284,7 +279,7 @@ class Features:
 
 def read(directory: Path, params: Params, data, classifier) -> Features:
     """The features stage's arrays for this training, or UserError saying what to run."""
-    from imgclf.model.network import split_base
+    from imgclf.model.network import split_base, weights_digest
 
     meta_path = directory / META
     if not meta_path.is_file():
@@ -296,8 +291,8 @@ def read(directory: Path, params: Params, data, classifier) -> Features:
                 "val_files": files_digest(data.val_files),
                 "image_size": params.model.image_size, "resize": params.model.resize,
                 "views": params.features.views,
-                "cut_shape": [int(d) for d in split[1].input_shape[1:]] if split else None,
-                "base": base_digest(classifier.base)}
+                "cut_shape": list(cut_shape(split)) if split else None,
+                "base": weights_digest(classifier.base)}
     stale = [key for key, value in expected.items() if meta.get(key) != value]
     if stale:
         raise UserError(f"{directory} was made for other {', '.join(stale)} than this training "

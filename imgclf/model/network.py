@@ -136,6 +136,19 @@ def freeze_base(base: keras.Model) -> None:
     base.trainable = False
 
 
+def weights_digest(model: keras.Model) -> str:
+    """A short hash of every weight: replicas that trained in sync print the same one, and
+    the features stage and train know they run the same frozen base."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _layers(base: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
 

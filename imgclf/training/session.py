@@ -9,7 +9,6 @@ Under a multi-worker strategy every worker calls `train_and_track`; only the chi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -94,16 +93,6 @@ def worker_dir(role, fp: str) -> Path:
     """A non-chief worker's own checkpoint folder: outside the project (only the chief writes
     there), and stable across restarts so that a restarted worker resumes with the chief."""
     return Path(tempfile.gettempdir()) / f"imgclf-worker{role.index}-{fp}"
-
-
-def weights_digest(model) -> str:
-    """A short hash of every weight: replicas that trained in sync print the same one."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for array in model.get_weights():
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def validation_probs(classifier, data, params: Params):
@@ -313,6 +302,8 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
     # variable created now would wait forever for workers that have already finished.
     strategy_scope.close()
+    from imgclf.model.network import weights_digest
+
     digest = weights_digest(classifier.model)
     print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
     if not role.is_chief:

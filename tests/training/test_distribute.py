@@ -53,7 +53,7 @@ def test_two_workers_train_in_sync_and_only_the_chief_logs(tiny_project, tmp_pat
     import keras
     from mlflow.tracking import MlflowClient
 
-    from imgclf.training.session import weights_digest
+    from imgclf.model.network import weights_digest
 
     run_module("stages.augment_preview", tiny_project)
     set_params(tiny_project, train__strategy="multi_worker")

@@ -203,7 +203,7 @@ def test_train_stage_logs_and_registers_in_mlflow(trained_project):
 
     # The registered model holds the very model train wrote (what it serves with, and how
     # close that is to Keras: tests/test_serving.py and tests/test_bad_input.py).
-    from imgclf.training.session import weights_digest
+    from imgclf.model.network import weights_digest
 
     mlflow.set_tracking_uri(uri)
     inner = mlflow.pyfunc.load_model("models:/imgclf/1").unwrap_python_model()
