@@ -430,7 +430,8 @@ def bench_repro_and_export(work: Path, args) -> dict:
 
 # ------------------------------------------------------------------ the pipeline's cost
 
-STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "evaluate", "export")
+STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "register", "evaluate",
+               "export")
 
 
 def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
@@ -590,12 +591,12 @@ def bench_serving(work: Path, args) -> dict:
     requirements (uv, outside the project), the cold start of `mlflow models serve` (process
     start to first answer) and its throughput at 32 images per request."""
     repo = work / "repro" / "repo"
-    if not (repo / "reports/train.json").is_file():
+    if not (repo / "reports/register.json").is_file():
         repo = _tiny_repo(work / "serving", args.per_class)
         _run(["dvc", "exp", "run", "-S", f"model.image_size={args.size}", "-S",
               "model.weights=null", "-S", "train.head_epochs=1", "-S",
-              "train.finetune_epochs=0", "train"], repo)
-    train = json.loads((repo / "reports/train.json").read_text())
+              "train.finetune_epochs=0", "register"], repo)
+    train = json.loads((repo / "reports/register.json").read_text())
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     model_uri = f"models:/{train['registered_model']}/{train['model_version']}"
     model_dir = work / "served-model"

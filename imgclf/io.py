@@ -86,3 +86,17 @@ def replaced_dir(path: str | Path) -> Iterator[Path]:
     os.replace(staging, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Fault injection for the kill tests: IMGCLF_KILL_AT=saved:1 SIGKILLs the process at the
+# point that names itself `saved` with 1 (train: right after epoch 1's resume state was saved).
+KILL_AT = "IMGCLF_KILL_AT"
+
+
+def fault_point(event: str, at: int | str = "") -> None:
+    if os.environ.get(KILL_AT) == f"{event}:{at}":
+        import signal
+        import sys
+
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,8 @@ RESUME_DIR = CHECKPOINTS_DIR / "last"
 # Written only when the tracking server went away: what `imgclf relog` still has to send.
 MLFLOW_PENDING = MODELS_DIR / "mlflow_pending.json"
 TRAIN_REPORT = REPORTS_DIR / "train.json"
+# The registered version of the trained model (the register stage).
+REGISTER_REPORT = REPORTS_DIR / "register.json"
 TRAIN_METRICS = REPORTS_DIR / "train_metrics.json"
 TRAIN_HISTORY = REPORTS_DIR / "plots" / "train_history.csv"
 TRAIN_CURVES = REPORTS_DIR / "train_curves.png"

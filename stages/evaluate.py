@@ -1,7 +1,7 @@
 """DVC stage `evaluate`: honest numbers on the held-out test split, of the model in production.
 
 Reads params sections evaluate, model (image_size, resize). The test split is used here only:
-never for early stopping or model choice. The registered version that `train` made is loaded
+never for early stopping or model choice. The registered version that `register` made is loaded
 as `mlflow models serve` loads it, and each test file goes through it as a client sends it
 (base64 bytes): the test metrics are those of what serves. The Keras model's own numbers and
 its agreement with the served format are reported beside them. Writes reports/metrics.json
@@ -23,8 +23,8 @@ from imgclf.params import load_params
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    if not paths.TRAIN_REPORT.is_file() or not paths.MODEL_FILE.is_file():
-        raise UserError("no trained model: run the train stage first (dvc repro train)")
+    if not paths.REGISTER_REPORT.is_file() or not paths.MODEL_FILE.is_file():
+        raise UserError("no registered model: run `dvc repro register` first")
     from imgclf.cards import model_card
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.reports import (
@@ -38,7 +38,7 @@ def main() -> None:
 
     classes = read_classes()
     files, labels = read_manifest("test", classes)
-    train_report = io.read_json(paths.TRAIN_REPORT)
+    train_report = {**io.read_json(paths.TRAIN_REPORT), **io.read_json(paths.REGISTER_REPORT)}
     uri = registry.version_uri(train_report["registered_model"], train_report["model_version"])
     with registry.served_model(uri) as served:
         probs, keras_summary, fmt = served_and_keras(served, files, labels, classes, params)

@@ -12,7 +12,7 @@ changes answers must not ship.
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 
 from imgclf import io, paths
@@ -23,23 +23,25 @@ from imgclf.params import load_params
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    if not paths.MODEL_FILE.is_file() or not paths.TRAIN_REPORT.is_file():
-        raise UserError("no trained model: run the train stage first (dvc repro train)")
+    if not paths.MODEL_FILE.is_file() or not paths.REGISTER_REPORT.is_file():
+        raise UserError("no registered model: run `dvc repro register` first")
     import keras
 
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.model.formats import export_all
     from imgclf.tracking import runs, store
-    from imgclf.tracking.deployment import registered_serving
+    from imgclf.tracking.deployment import registered_serving, registered_tflite
 
     classes = read_classes()
     files, _ = read_manifest("test", classes)
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
-    report = export_all(params, model, classes, files)
-    train_report = json.loads(paths.TRAIN_REPORT.read_text(encoding="utf-8"))
-    report["serving"] = registered_serving(train_report, files, Path.cwd())
+    registered = io.read_json(paths.REGISTER_REPORT)
+    with tempfile.TemporaryDirectory() as tmp:  # the registered serving copy, not converted again
+        served = registered_tflite(registered, Path(tmp))
+        report = export_all(params, model, classes, files, dict([served]) if served else None)
+    report["serving"] = registered_serving(registered, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)
-    runs.log_export(store.make_client(), train_report["run_id"], paths.EXPORT_REPORT,
+    runs.log_export(store.make_client(), registered["run_id"], paths.EXPORT_REPORT,
                     report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
           f"{report['speedup_vs_keras_predict']}x Keras predict at batch "

@@ -1,6 +1,8 @@
-"""DVC stage `train`: two-phase fine-tuning, tracked in MLflow, the model registered.
+"""DVC stage `train`: two-phase fine-tuning, tracked in MLflow (the `register` stage logs and
+registers the model it writes).
 
-Reads params sections model, augment, train, mlflow (and prepare.max_pixels for serving).
+Reads params sections model, augment (the augmentation keys), features (cache, views), train,
+mlflow.experiment.
 Writes models/model.keras, reports/train.json, reports/train_metrics.json,
 reports/plots/train_history.csv (evaluate draws its curves). An interrupted run resumes
 from its last completed epoch (models/checkpoints/last/) into the same MLflow run.
@@ -39,8 +41,7 @@ def main() -> None:
         return
     print(f"train: best epoch {report['best_epoch']} ({report['monitor']} "
           f"{report['best_value']:.4f}); model {paths.MODEL_FILE}; MLflow run "
-          f"{report['run_id']}; registered {params.mlflow.model_name} "
-          f"version {report['model_version']}")
+          f"{report['run_id']}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_evaluate_stage_writes_reports_and_logs_to_the_training_run(trained_proj
     for name in ("confusion_matrix.png", "per_class_f1.png", "misclassified.png"):
         assert (reports / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
-    train = json.loads((reports / "train.json").read_text())
+    train = {**json.loads((reports / "train.json").read_text()),
+             **json.loads((reports / "register.json").read_text())}
     uri = f"sqlite:///{trained_project / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(train["run_id"])
@@ -129,7 +130,8 @@ def test_model_card_and_datasets_of_an_evaluated_version(trained_project):
     --version`), and the run's datasets carry the data version."""
     if not (trained_project / "reports/metrics.json").is_file():
         assert run_module("stages.evaluate", trained_project).returncode == 0
-    train = json.loads((trained_project / "reports/train.json").read_text())
+    train = {**json.loads((trained_project / "reports/train.json").read_text()),
+             **json.loads((trained_project / "reports/register.json").read_text())}
     summary = json.loads((trained_project / "reports/metrics.json").read_text())
     uri = f"sqlite:///{trained_project / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -89,7 +89,8 @@ def test_dvc_repro_prepare_then_nothing_to_do(dvc_repo):
 def test_dvc_yaml_is_valid_and_every_stage_has_its_module():
     result = sh(["dvc", "stage", "list"], ROOT)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    assert names == ["prepare", "augment_preview", "features", "train", "evaluate", "export"]
+    assert names == ["prepare", "augment_preview", "features", "train", "register",
+                     "evaluate", "export"]
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         assert stage["cmd"] == f"python -m stages.{name}"
@@ -138,10 +139,10 @@ def test_each_stage_depends_on_every_library_module_it_imports():
             assert covered, f"dvc.yaml: stage {name} imports {module} ({file}) but no dep covers it"
 
 
-def test_stage_scripts_are_only_the_six_stages_and_the_library_is_a_package():
+def test_stage_scripts_are_only_the_seven_stages_and_the_library_is_a_package():
     assert sorted(p.name for p in (ROOT / "stages").glob("*.py")) == [
         "augment_preview.py", "evaluate.py", "export.py", "features.py", "prepare.py",
-        "train.py"]
+        "register.py", "train.py"]
     for script in (ROOT / "stages").glob("*.py"):
         assert len(script.read_text().splitlines()) <= 60, f"{script.name} is not thin"
     # MLflow is imported under tracking/ (and serving/'s pyfunc) only.

@@ -38,7 +38,7 @@ def test_readme_walkthrough(dvc_repo):
     assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
     first_out, _ = first_proc.communicate(timeout=900)
     assert first_proc.returncode == 0, first_out[-3000:]
-    for stage in ("prepare", "augment_preview", "features", "train", "evaluate"):
+    for stage in ("prepare", "augment_preview", "features", "train", "register", "evaluate"):
         assert f"Running stage '{stage}'" in first_out
     assert "Running stage" not in sh(["dvc", "repro", "evaluate"], repo).stdout
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
@@ -47,13 +47,17 @@ def test_readme_walkthrough(dvc_repo):
     sh(["git", "commit", "-q", "-m", "baseline"], repo)
 
     # What does not change the training does not retrain: the preview's params and the
-    # plotting code rerun the preview and evaluate (which draws the curves), never train.
-    set_params(repo, augment__preview_images=3, augment__seed=11)
-    with (repo / "imgclf/plots.py").open("a") as plots:
-        plots.write("\n# restyled\n")
+    # plotting code rerun the preview and evaluate (which draws the curves); the registered
+    # name, the serving format and the serving code register again; none of them trains.
+    set_params(repo, augment__preview_images=3, augment__seed=11,
+               mlflow__model_name="dogs", mlflow__serving_format="keras")
+    for edited in ("imgclf/plots.py", "imgclf/serving/runners.py"):
+        with (repo / edited).open("a") as code:
+            code.write("\n# restyled\n")
     stale = json.loads(sh(["dvc", "status", "--json"], repo).stdout)
-    assert {"augment_preview", "evaluate"} <= set(stale) and "train" not in stale, stale
-    sh(["git", "checkout", "params.yaml", "imgclf/plots.py"], repo)
+    assert {"augment_preview", "register", "evaluate"} <= set(stale), stale
+    assert not {"features", "train"} & set(stale), stale
+    sh(["git", "checkout", "params.yaml", "imgclf/plots.py", "imgclf/serving/runners.py"], repo)
 
     # Two experiments. The first through the MLproject's train entry point, which logs into
     # the run `mlflow run` opens (no empty wrapper run); the second in a temporary copy under

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -133,6 +134,8 @@ def write_tflite(saved_model: Path, variants: dict[str, Path]) -> None:
     SavedModel (~7 s for InceptionResNetV2); the files are byte-identical to fresh ones'."""
     import tensorflow as tf
 
+    if not variants:
+        return
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model),
                                                          signature_keys=["predict_pixels"])
     for variant, path in variants.items():
@@ -208,17 +211,23 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
     return (round(float(same[counted].mean()), 6) if counted.any() else 1.0), int(counted.sum())
 
 
-def export_all(params: Params, model, classes: list[str], files: list[str]) -> dict:
+def export_all(params: Params, model, classes: list[str], files: list[str],
+               converted: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on the
-    test files, with its size and speed; returns the report."""
+    test files, with its size and speed; returns the report. `converted`: TFLite variants
+    already converted from this model ({variant: file}: the registered serving copy),
+    shipped as they are and checked like the others."""
     import tensorflow as tf
 
     size, resize = params.model.image_size, params.model.resize
     batch = params.export.bench_batch_size
     with io.replaced_dir(paths.EXPORT_DIR) as staging:
         write_saved_model(model, classes, size, resize, staging / SAVED_MODEL)
-        write_tflite(staging / SAVED_MODEL,
-                     {v: staging / tflite_name(v) for v in params.export.tflite})
+        converted = {v: f for v, f in (converted or {}).items() if v in params.export.tflite}
+        for variant, file in converted.items():
+            shutil.copyfile(file, staging / tflite_name(variant))
+        write_tflite(staging / SAVED_MODEL, {v: staging / tflite_name(v)
+                                             for v in params.export.tflite if v not in converted})
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         keras_fn = keras_predictor(model)

@@ -57,7 +57,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if "tflite_model" in context.artifacts:
             from imgclf.serving.runners import tflite_runner
 
-            # The quantised copy that train checked against the Keras model (serving_format).
+            # The quantised copy that register checked against the Keras model (serving_format).
             self.format = config.get("format", "tflite")
             self.forward = tflite_runner(Path(context.artifacts["tflite_model"]), self.format)
         else:

@@ -106,20 +106,42 @@ def serve_figures(model_uri: str, tracking_uri: str, files: list[str], cwd: Path
     return {"cold_start_seconds": round(cold, 2), "images_per_s_batch32": round(per_s, 1)}
 
 
-def registered_serving(train_report: dict, files: list[str], cwd: Path) -> dict:
-    """The serving figures of the version a training registered, for reports/export.json."""
+def registered_tflite(registered: dict, folder: Path) -> tuple[str, Path] | None:
+    """(variant, path in `folder`) of the TFLite copy the registered version serves with, as
+    MLflow stores it; None when it serves Keras. Export ships this very file rather than
+    converting the model a second time (one conversion per format, ~15 s at 150 px)."""
+    import mlflow
+
+    from imgclf.serving.runners import tflite_name
+    from imgclf.tracking import store
+
+    variant = registered.get("serving_format", "keras").removeprefix("tflite_")
+    if variant == "keras":
+        return None
+    model_id = registered["model_uri"].removeprefix("models:/")
+    location = store.make_client().get_logged_model(model_id).artifact_location
+    store.use_fluent()
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{location.rstrip('/')}/artifacts/{tflite_name(variant)}",
+        dst_path=str(folder))
+    return variant, Path(path)
+
+
+def registered_serving(registered: dict, files: list[str], cwd: Path) -> dict:
+    """The serving figures of the registered version (reports/register.json), for
+    reports/export.json."""
     import mlflow
 
     from imgclf.tracking import store
 
     client = store.make_client()
-    model_id = train_report["model_uri"].removeprefix("models:/")
+    model_id = registered["model_uri"].removeprefix("models:/")
     location = client.get_logged_model(model_id).artifact_location
     store.use_fluent()
     requirements_file = mlflow.artifacts.download_artifacts(
         artifact_uri=f"{location.rstrip('/')}/requirements.txt")
     requirements = Path(requirements_file).read_text(encoding="utf-8").split()
-    version_uri = f"models:/{train_report['registered_model']}/{train_report['model_version']}"
+    version_uri = f"models:/{registered['registered_model']}/{registered['model_version']}"
     return {"model": version_uri, "requirements": requirements,
             "environment_mb": environment_mb(requirements),
             **serve_figures(version_uri, store.tracking_uri(), files, cwd)}

@@ -1,6 +1,6 @@
-"""One training session from start to shipped model: data, network, both phases (resuming
-where a killed run stopped), the model file and the reports; MLflow through
-`imgclf.tracking`.
+"""One training session from start to model file: data, network, both phases (resuming
+where a killed run stopped), calibration, the model file and the reports; MLflow through
+`imgclf.tracking` (the `register` stage logs and registers the model).
 
 Under a multi-worker strategy every worker calls `train_and_track`; only the chief
 (`role.is_chief`) gets a tracking client, writes the stage's outputs and logs.
@@ -9,9 +9,7 @@ Under a multi-worker strategy every worker calls `train_and_track`; only the chi
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -168,17 +166,6 @@ def train_and_track(params: Params, client, weights: str | None, strategy=None,
         return _train(params, client, weights, role, strategy_scope)
 
 
-# Fault injection for the kill tests: IMGCLF_KILL_AT=saved:1 (or logged:1) SIGKILLs the
-# process right after epoch 1's resume state was saved (or its metrics logged).
-KILL_AT = "IMGCLF_KILL_AT"
-
-
-def _fault_point(event: str, epoch: int) -> None:
-    if os.environ.get(KILL_AT) == f"{event}:{epoch}":
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def resume_saver(classifier, resume_dir: Path, fp: str, run_id: str | None):
     """The Tracker hook that writes an epoch's resume state (what that phase changes, the
     optimizer, the tracker state), then drops best-weights files the state no longer names."""
@@ -191,7 +178,7 @@ def resume_saver(classifier, resume_dir: Path, fp: str, run_id: str | None):
                     tracker.state, fp, run_id,
                     same_weights_as=tracker.best_path if row["best"] else None, scope=scope)
         tracker.prune_best()
-        _fault_point("saved", row["epoch"])
+        io.fault_point("saved", row["epoch"])  # the kill tests
 
     return save_resume_state
 
@@ -285,7 +272,7 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
 
     def log(row, tracker):
         log_epoch(row, tracker)
-        _fault_point("logged", row["epoch"])
+        io.fault_point("logged", row["epoch"])
 
     # Saved first, then logged: a kill between the two leaves an epoch that the resumed run
     # sends (`send_missing`); logged first, the resumed run would train and log it again.
@@ -327,4 +314,4 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     io.write_json(paths.MLFLOW_PENDING, pending)
     # The model is saved: the checkpoints (resume state, best weights) have served.
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return publish(client, params, pending, classifier.model)
+    return publish(client, params, pending)

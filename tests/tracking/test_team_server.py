@@ -198,10 +198,12 @@ def test_team_server_with_auth_survives_losing_the_server_mid_run(postgres, tiny
         assert steps == epochs_on_disk, (metric, steps)  # every epoch, once
     assert "train_history.csv" in [a.path for a in admin.list_artifacts(run_id)]
 
-    # Evaluate and promote against the server; the alias resolves there.
-    for args in (["stages.evaluate"], ["imgclf.cli.main", "promote", "--latest"]):
+    # Register, evaluate and promote against the server; the alias resolves there.
+    for args in (["stages.register"], ["stages.evaluate"],
+                 ["imgclf.cli.main", "promote", "--latest"]):
         result = _run(args, tiny_project, _env(server, ADMIN))
         assert result.returncode == 0, f"{args}: {result.stderr[-3000:]}"
+    report = json.loads((tiny_project / "reports/register.json").read_text())
     production = admin.get_model_version_by_alias("imgclf", "production")
     assert str(production.version) == str(report["model_version"])
     assert "test_accuracy" in admin.get_run(run_id).data.metrics

@@ -174,7 +174,8 @@ def _history(project):
 def test_train_stage_logs_and_registers_in_mlflow(trained_project):
     # The session's trained project (its train stage ran with the tiny params); nothing here
     # depends on what other tests later log to the run.
-    report = json.loads((trained_project / "reports/train.json").read_text())
+    report = {**json.loads((trained_project / "reports/train.json").read_text()),
+              **json.loads((trained_project / "reports/register.json").read_text())}
     assert str(report["model_version"]) == "1"
     assert report["model_uri"].startswith("models:/m-")
     history = _history(trained_project)

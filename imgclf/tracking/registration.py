@@ -1,0 +1,237 @@
+"""The `register` stage's work: the trained model logged to its training run as an MLflow
+pyfunc over image files (with the serving copy it computes with) and registered as a new
+version of `mlflow.model_name`.
+
+Registration is its own stage so that a registration param, the serving code or the model
+card's wording re-registers the model without retraining it. It is idempotent: the logged
+model and the version carry a key of what they hold (the model file's weights, the serving
+params and code), and a rerun that finds them reuses them, so a stage killed after MLflow
+registered but before its report was written does not register the same model twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io as stdio
+import json
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from imgclf import io, paths
+from imgclf.cards import model_card
+from imgclf.params import Params
+from imgclf.tracking import store
+
+PACKAGE = Path(__file__).resolve().parents[1]  # imgclf/
+# What the registered model carries as its code: the pyfunc, the runners and the decode
+# rules, nothing of training. Paths relative to the package folder.
+SERVING_CODE = ("__init__.py", "_quiet.py", "errors.py", "serving", "data/__init__.py",
+                "data/images.py")
+
+
+def serving_code(folder: Path) -> Path:
+    """A copy of the package holding only SERVING_CODE, in `folder`/imgclf."""
+    target = folder / PACKAGE.name
+    for rel in SERVING_CODE:
+        source = PACKAGE / rel
+        if source.is_dir():
+            shutil.copytree(source, target / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / rel)
+    return target
+
+
+def _pin(name: str) -> str:
+    return f"{name}=={version(name)}"
+
+
+def tensorflow_version() -> str:
+    """TensorFlow's version, whichever distribution is installed: tensorflow-cpu here, the
+    tensorflow wheel on CUDA images (both have the same version numbers)."""
+    for name in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    raise PackageNotFoundError("tensorflow")
+
+
+def requirements(serving_format: str) -> list[str]:
+    """Exactly what the serving code imports, pinned as installed here. A TFLite-served model
+    runs on LiteRT and needs no TensorFlow; a Keras-served one declares `tensorflow`, which
+    installs on any machine (CPU or CUDA) where `tensorflow-cpu` would not on a GPU one."""
+    # mlflow-skinny: the pyfunc loader and the scoring server (FastAPI, uvicorn), without the
+    # tracking server, UI and ML libraries of `mlflow` (258 MB of environment, not 686 MB).
+    pins = [_pin(name) for name in ("mlflow-skinny", "numpy", "pandas", "pillow")]
+    if serving_format.startswith("tflite"):
+        return [*pins, _pin("ai-edge-litert")]
+    return [*pins, f"tensorflow=={tensorflow_version()}", _pin("keras")]
+
+
+def input_example(params: Params) -> str:
+    """A real training image as a client sends it (base64 PNG bytes), kept small."""
+    from PIL import Image
+
+    from imgclf.data.images import load_pixels
+    from imgclf.data.manifests import read_classes, read_manifest
+
+    files, _ = read_manifest("val", read_classes())
+    pixels = load_pixels(files[0], min(params.model.image_size, 96), params.model.resize)
+    buffer = stdio.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tuple[dict, str]:
+    """(extra pyfunc artifacts, the format serving computes with) for mlflow.serving_format:
+    with `auto`, a dynamic-range TFLite copy when it agrees with Keras on enough validation
+    images (top-1, logged as `serving_top1_agreement`)."""
+    if params.mlflow.serving_format == "keras":
+        return {}, "keras"
+    import keras
+    import numpy as np
+
+    from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.model.formats import SERVING_SAMPLE, SERVING_VARIANT, serving_copy
+    from imgclf.serving.batches import iter_batches
+
+    files, _ = read_manifest("val", read_classes())
+    # Evenly spaced through the manifest (sorted by class), so every class is sampled.
+    picked = sorted(set(np.linspace(0, len(files) - 1, SERVING_SAMPLE).round().astype(int)))
+    pixels = np.concatenate([p for _good, p, _bad in iter_batches(
+        [files[i] for i in picked], params.model.image_size, params.model.resize, 32)])
+    model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
+    path, agreement = serving_copy(model, pixels, folder)
+    if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
+        client.log_metric(run_id, "serving_top1_agreement", agreement)
+    fmt = f"tflite_{SERVING_VARIANT}" if path else "keras"
+    print(f"register: serving with {fmt} (the TFLite copy agrees with Keras on "
+          f"{agreement:.1%} of {len(pixels)} validation images)")
+    return ({"tflite_model": str(path)} if path else {}), fmt
+
+
+SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
+                    ("tta", "boolean", False))
+# The tag on the logged model and on the version naming what they hold (registration_key).
+KEY_TAG = "imgclf.registration"
+
+
+def _signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
+                        ColSpec("string", "top_k"), ColSpec("string", "error"),
+                        ColSpec("string", "probabilities", required=False)]),
+        params=ParamSchema([ParamSpec(*spec) for spec in SIGNATURE_PARAMS]),
+    )
+
+
+def registration_key(params: Params, weights_digest: str) -> str:
+    """What a registered version holds: the model file's weights, the params that shape its
+    serving, and the serving code it carries. Equal keys, equal registered models."""
+    digest = hashlib.sha256(json.dumps(
+        {"weights": weights_digest, "name": params.mlflow.model_name,
+         "format": params.mlflow.serving_format,
+         "image_size": params.model.image_size, "resize": params.model.resize,
+         "max_pixels": params.prepare.max_pixels}, sort_keys=True).encode())
+    for rel in SERVING_CODE:
+        source = PACKAGE / rel
+        for file in sorted(source.rglob("*.py")) if source.is_dir() else [source]:
+            digest.update(file.relative_to(PACKAGE).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _registered_version(client, name: str, run_id: str, key: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}' AND run_id='{run_id}'")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+    found = [v for v in versions if v.tags.get(KEY_TAG) == key]
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _logged_model(client, run_id: str, key: str):
+    """The model this run already logged with `key` (a stage killed before registering it)."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND "
+        f"tags.`{KEY_TAG}` = '{key}'")
+    return next((m for m in found if str(m.status) in ("READY", "LoggedModelStatus.READY")),
+                None)
+
+
+def _log_model(run_id: str, params: Params, key: str, folder: Path, extra: dict,
+               serving_format: str) -> str:
+    """The pyfunc logged to the training run; its model URI (`models:/m-...`)."""
+    import mlflow
+    import pandas as pd
+
+    config = folder / "config.json"
+    config.write_text(json.dumps({"image_size": params.model.image_size,
+                                  "resize": params.model.resize,
+                                  "max_pixels": params.prepare.max_pixels,
+                                  "format": serving_format}))
+    code = serving_code(folder / "code")
+    store.use_fluent()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code / "serving" / "model_code.py"),
+            artifacts={"keras_model": str(paths.MODEL_FILE),
+                       "classes": str(paths.CLASSES_JSON), "config": str(config), **extra},
+            code_paths=[str(code)],
+            signature=_signature(),
+            input_example=pd.DataFrame({"image": [input_example(params)]}),
+            pip_requirements=requirements(serving_format),
+            tags={KEY_TAG: key, "serving_format": serving_format},
+        )
+    return info.model_uri
+
+
+def register(client, params: Params, train_report: dict) -> dict:
+    """Log and register the model train wrote (or find the version a killed rerun already
+    made); the version's model card; returns what reports/register.json holds."""
+    import mlflow
+
+    run_id, name = train_report["run_id"], params.mlflow.model_name
+    key = registration_key(params, train_report["weights_digest"])
+    version = _registered_version(client, name, run_id, key)
+    if version is not None:
+        # Its card stays as evaluate completed it.
+        print(f"register: {name} version {version.version} already holds this model "
+              "(same weights, serving params and code): reused, not registered again")
+        return _report(run_id, name, version, key)
+    logged = _logged_model(client, run_id, key)
+    if logged is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            extra, serving_format = serving_artifacts(client, run_id, params, Path(tmp))
+            model_uri = _log_model(run_id, params, key, Path(tmp), extra, serving_format)
+    else:  # logged by a register killed before it registered
+        model_uri, serving_format = f"models:/{logged.model_id}", logged.tags["serving_format"]
+    io.fault_point("logged", "model")  # the kill tests: logged, not yet registered
+    store.use_fluent()
+    version = mlflow.register_model(model_uri, name, tags={
+        KEY_TAG: key, "serving_format": serving_format})
+    # The card without its test section until evaluate measures the served model.
+    card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
+                      train_report)
+    client.update_model_version(name, str(version.version), description=card)
+    return _report(run_id, name, client.get_model_version(name, str(version.version)), key)
+
+
+def _report(run_id: str, name: str, version, key: str) -> dict:
+    return {"run_id": run_id, "model_uri": version.source, "registered_model": name,
+            "model_version": int(version.version),
+            "serving_format": version.tags["serving_format"], "registration_key": key}

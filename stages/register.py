@@ -1,0 +1,36 @@
+"""DVC stage `register`: the trained model logged to its MLflow run and registered.
+
+Reads params sections mlflow (model_name, serving_format), model (image_size, resize),
+prepare.max_pixels. Logs models/model.keras as an MLflow pyfunc over image files, with the
+serving copy it computes with (`mlflow.serving_format: auto`: a dynamic-range TFLite copy
+checked against Keras on validation images), registers it as a new version of
+`mlflow.model_name` with its model card, and writes reports/register.json (what evaluate and
+export read). Its own stage so that renaming the model, the serving format or the serving
+code registers again without retraining; a rerun with nothing changed registers nothing.
+"""
+
+from __future__ import annotations
+
+from imgclf import io, paths
+from imgclf.errors import UserError, exits_cleanly
+from imgclf.params import load_params
+
+
+@exits_cleanly
+def main() -> None:
+    params = load_params()
+    if not paths.MODEL_FILE.is_file() or not paths.TRAIN_REPORT.is_file():
+        raise UserError("no trained model: run the train stage first (dvc repro train)")
+    from imgclf.tracking import store
+    from imgclf.tracking.registration import register
+
+    store.check_reachable()
+    client = store.make_client()
+    report = register(client, params, io.read_json(paths.TRAIN_REPORT))
+    io.write_json(paths.REGISTER_REPORT, report)
+    print(f"register: {report['model_uri']} is {report['registered_model']} version "
+          f"{report['model_version']} (serving with {report['serving_format']})")
+
+
+if __name__ == "__main__":
+    main()
