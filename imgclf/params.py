@@ -111,7 +111,9 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    tflite: list[Literal["float32", "dynamic", "float16"]] = ["float32", "dynamic", "float16"]
+    tflite: list[Literal["float32", "dynamic", "float16", "int8"]] = [
+        "float32", "dynamic", "float16"]
+    calibration_images: int = Field(100, ge=1)
     bench_batch_size: int = Field(32, ge=1)
 
 

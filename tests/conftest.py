@@ -222,7 +222,7 @@ def trained_project(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
     set_params(root, **{**TINY, "mlflow__serving_format": "auto"},
-               export__tflite=["float32", "dynamic"])
+               export__tflite=["float32", "dynamic", "int8"])
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
         for module in ("stages.prepare", "stages.augment_preview", "stages.features",

@@ -129,9 +129,12 @@ def write_pixels_model(model, size: int, path: Path) -> None:
     _pixels_archive(model, size).write_out(str(path), verbose=False)
 
 
-def write_tflite(saved_model: Path, variants: dict[str, Path]) -> None:
+def write_tflite(saved_model: Path, variants: dict[str, Path],
+                 calibration: np.ndarray | None = None) -> None:
     """Each TFLite variant ({variant: path}) from one converter: making a converter loads the
-    SavedModel (~7 s for InceptionResNetV2); the files are byte-identical to fresh ones'."""
+    SavedModel (~7 s for InceptionResNetV2); the files are byte-identical to fresh ones'.
+    `calibration`: float pixels of training images, for `int8` (full-integer weights and
+    activations; float pixels in and probabilities out, so every runner feeds it alike)."""
     import tensorflow as tf
 
     if not variants:
@@ -140,9 +143,28 @@ def write_tflite(saved_model: Path, variants: dict[str, Path]) -> None:
                                                          signature_keys=["predict_pixels"])
     for variant, path in variants.items():
         converter.optimizations = ([tf.lite.Optimize.DEFAULT]
-                                   if variant in ("dynamic", "float16") else [])
+                                   if variant in ("dynamic", "float16", "int8") else [])
         converter.target_spec.supported_types = [tf.float16] if variant == "float16" else []
+        converter.representative_dataset = None
+        converter.target_spec.supported_ops = {tf.lite.OpsSet.TFLITE_BUILTINS}
+        if variant == "int8":
+            # The activations' ranges, from real images: one at a time, as the converter asks.
+            converter.representative_dataset = lambda: ([calibration[i:i + 1]]
+                                                         for i in range(len(calibration)))
+            converter.target_spec.supported_ops = {tf.lite.OpsSet.TFLITE_BUILTINS_INT8}
         path.write_bytes(converter.convert())
+
+
+def calibration_pixels(params: Params) -> np.ndarray:
+    """`export.calibration_images` training images, evenly spaced through the manifest
+    (sorted by class, so every class is seen), as the model takes them."""
+    from imgclf.data.manifests import read_classes, read_manifest
+
+    files, _ = read_manifest("train", read_classes())
+    count = min(params.export.calibration_images, len(files))
+    picked = sorted(set(np.linspace(0, len(files) - 1, count).round().astype(int)))
+    return np.concatenate([p for _good, p, _bad in iter_batches(
+        [files[i] for i in picked], params.model.image_size, params.model.resize, 32)])
 
 
 def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
@@ -227,7 +249,8 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
         for variant, file in converted.items():
             shutil.copyfile(file, staging / tflite_name(variant))
         write_tflite(staging / SAVED_MODEL, {v: staging / tflite_name(v)
-                                             for v in params.export.tflite if v not in converted})
+                                             for v in params.export.tflite if v not in converted},
+                     calibration_pixels(params) if "int8" in params.export.tflite else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         keras_fn = keras_predictor(model)

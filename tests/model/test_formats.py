@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((trained_project / "reports/export.json").read_text())
     formats = report["formats"]
-    assert set(formats) == {"keras", "saved_model", "tflite_float32", "tflite_dynamic"}
+    assert set(formats) == {"keras", "saved_model", "tflite_float32", "tflite_dynamic",
+                            "tflite_int8"}
     for name in ("saved_model", "tflite_float32"):
         assert formats[name]["top1_agreement"] == 1.0
         assert formats[name]["max_abs_diff"] <= 1e-4
@@ -49,6 +51,30 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     lite = tflite_runner(trained_project / "models/export/model_dynamic.tflite", "d")
     agreement = float((keras_model.predict(pixels).argmax(1) == lite(pixels).argmax(1)).mean())
     assert formats["tflite_dynamic"]["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
+
+    # int8 is full-integer: int8 weights and activations inside, float pixels in and
+    # probabilities out like every other format, close to Keras (calibrated on train images).
+    from ai_edge_litert.interpreter import Interpreter
+
+    int8_file = export / "model_int8.tflite"
+    types = {t["dtype"] for t in Interpreter(model_path=str(int8_file)).get_tensor_details()}
+    assert np.int8 in types
+    int8 = tflite_runner(int8_file, "i")(pixels)
+    assert int8.shape == lite(pixels).shape and np.allclose(int8.sum(1), 1, atol=1e-2)
+    assert np.abs(int8 - keras_model.predict(pixels)).max() < 0.1
+
+    # One conversion per format: when the registered version serves the dynamic-range copy,
+    # export ships that very file.
+    registered = json.loads((trained_project / "reports/register.json").read_text())
+    if registered["serving_format"] == "tflite_dynamic":
+        from mlflow.tracking import MlflowClient
+
+        uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+        logged = MlflowClient(uri, uri).get_logged_model(
+            registered["model_uri"].removeprefix("models:/"))
+        served = Path(logged.artifact_location.removeprefix("file://"))
+        assert (export / "model_dynamic.tflite").read_bytes() == \
+            (served / "artifacts/model_dynamic.tflite").read_bytes()
 
     # What serving the registered version costs, measured through a real server.
     serving = report["serving"]
