@@ -158,13 +158,12 @@ def write_tflite(saved_model: Path, variants: dict[str, Path],
 def calibration_pixels(params: Params) -> np.ndarray:
     """`export.calibration_images` training images, evenly spaced through the manifest
     (sorted by class, so every class is seen), as the model takes them."""
-    from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.data.manifests import evenly_spaced, read_classes, read_manifest
 
-    files, _ = read_manifest("train", read_classes())
-    count = min(params.export.calibration_images, len(files))
-    picked = sorted(set(np.linspace(0, len(files) - 1, count).round().astype(int)))
+    files = evenly_spaced(read_manifest("train", read_classes())[0],
+                          params.export.calibration_images)
     return np.concatenate([p for _good, p, _bad in iter_batches(
-        [files[i] for i in picked], params.model.image_size, params.model.resize, 32)])
+        files, params.model.image_size, params.model.resize, 32)])
 
 
 def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
@@ -235,11 +234,18 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
 
 def export_all(params: Params, model, classes: list[str], files: list[str],
                converted: dict[str, Path] | None = None) -> dict:
-    """models/export/ in one rename: every format, checked against the Keras model on the
-    test files, with its size and speed; returns the report. `converted`: TFLite variants
-    already converted from this model ({variant: file}: the registered serving copy),
-    shipped as they are and checked like the others."""
+    """models/export/ in one rename: every format, checked against the Keras model on (up to
+    `export.parity_images` of) the test files, with its size and speed; returns the report.
+    `converted`: TFLite variants already converted from this model ({variant: file}: the
+    registered serving copy), shipped as they are and checked like the others."""
     import tensorflow as tf
+
+    from imgclf.data.manifests import evenly_spaced
+
+    n_test = len(files)
+    # A check of the conversion, not of the data: a sample that does not grow with the test
+    # split (evaluate measures the served format on all of it).
+    files = evenly_spaced(files, params.export.parity_images)
 
     size, resize = params.model.image_size, params.model.resize
     batch = params.export.bench_batch_size
@@ -288,7 +294,8 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
                           and formats[n]["decided_top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
         recommended = max(usable, key=lambda n: formats[n]["images_per_s"])
         report = {
-            "n_test": len(files), "image_size": size, "resize": resize, "batch_size": batch,
+            "n_test": n_test, "parity_images": len(files), "image_size": size,
+            "resize": resize, "batch_size": batch,
             "formats": formats, "recommended": recommended,
             "speedup_vs_keras_predict": round(
                 formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2),

@@ -95,15 +95,13 @@ def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tupl
     import keras
     import numpy as np
 
-    from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.data.manifests import evenly_spaced, read_classes, read_manifest
     from imgclf.model.formats import SERVING_SAMPLE, SERVING_VARIANT, serving_copy
     from imgclf.serving.batches import iter_batches
 
-    files, _ = read_manifest("val", read_classes())
-    # Evenly spaced through the manifest (sorted by class), so every class is sampled.
-    picked = sorted(set(np.linspace(0, len(files) - 1, SERVING_SAMPLE).round().astype(int)))
+    files = evenly_spaced(read_manifest("val", read_classes())[0], SERVING_SAMPLE)
     pixels = np.concatenate([p for _good, p, _bad in iter_batches(
-        [files[i] for i in picked], params.model.image_size, params.model.resize, 32)])
+        files, params.model.image_size, params.model.resize, 32)])
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     path, agreement = serving_copy(model, pixels, folder)
     if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
