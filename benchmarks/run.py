@@ -555,7 +555,10 @@ def bench_pipeline_cost(work: Path, args) -> dict:
                      "forward_pass_seconds": {n: round(r["forward_seconds"], 1)
                                               for n, r in runs.items()},
                      "head_only_experiment_seconds": round(experiment, 1),
-                     # what `dvc exp run -S train.finetune_lr=...` ran: never `features`
+                     # the key name; the experiment changes a training param only
+                     "head_only_experiment_command":
+                         "dvc exp run -S train.finetune_lr=0.00002",
+                     # what it ran: never `features`
                      "head_only_experiment_stages_run": ran,
                      "features_mb": {n: round(r["features_mb"], 1) for n, r in runs.items()}},
     }

@@ -34,7 +34,7 @@ def main() -> None:
         # This exact training already finished; only MLflow missed it (server lost).
         print(f"train: {paths.MODEL_FILE} is already trained for these params and data; "
               "sending MLflow what it missed instead of retraining")
-        report = publish(client, params, pending)
+        report = publish(client, pending)
     else:
         report = train_and_track(params, client, weights, strategy, role)
     if not role.is_chief:

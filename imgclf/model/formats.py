@@ -155,13 +155,12 @@ def write_tflite(saved_model: Path, variants: dict[str, Path],
         path.write_bytes(converter.convert())
 
 
-def calibration_pixels(params: Params) -> np.ndarray:
-    """`export.calibration_images` training images, evenly spaced through the manifest
-    (sorted by class, so every class is seen), as the model takes them."""
+def sample_pixels(params: Params, split: str, count: int) -> np.ndarray:
+    """Up to `count` images of `split`, evenly spaced through its manifest (sorted by class,
+    so every class is seen), as the model takes them."""
     from imgclf.data.manifests import evenly_spaced, read_classes, read_manifest
 
-    files = evenly_spaced(read_manifest("train", read_classes())[0],
-                          params.export.calibration_images)
+    files = evenly_spaced(read_manifest(split, read_classes())[0], count)
     return np.concatenate([p for _good, p, _bad in iter_batches(
         files, params.model.image_size, params.model.resize, 32)])
 
@@ -256,7 +255,8 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
             shutil.copyfile(file, staging / tflite_name(variant))
         write_tflite(staging / SAVED_MODEL, {v: staging / tflite_name(v)
                                              for v in params.export.tflite if v not in converted},
-                     calibration_pixels(params) if "int8" in params.export.tflite else None)
+                     sample_pixels(params, "train", params.export.calibration_images)
+                     if "int8" in params.export.tflite else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         keras_fn = keras_predictor(model)

@@ -110,37 +110,36 @@ def registered_tflite(registered: dict, folder: Path) -> tuple[str, Path] | None
     """(variant, path in `folder`) of the TFLite copy the registered version serves with, as
     MLflow stores it; None when it serves Keras. Export ships this very file rather than
     converting the model a second time (one conversion per format, ~15 s at 150 px)."""
-    import mlflow
 
     from imgclf.serving.runners import tflite_name
-    from imgclf.tracking import store
 
     variant = registered.get("serving_format", "keras").removeprefix("tflite_")
     if variant == "keras":
         return None
+    return variant, _logged_file(registered, f"artifacts/{tflite_name(variant)}", folder)
+
+
+def _logged_file(registered: dict, rel: str, folder: Path | None = None) -> Path:
+    """File `rel` of the registered version's logged model, as MLflow stores it (a copy in
+    `folder`, or in a temporary one)."""
+    import mlflow
+
+    from imgclf.tracking import store
+
     model_id = registered["model_uri"].removeprefix("models:/")
     location = store.make_client().get_logged_model(model_id).artifact_location
     store.use_fluent()
-    path = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{location.rstrip('/')}/artifacts/{tflite_name(variant)}",
-        dst_path=str(folder))
-    return variant, Path(path)
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{location.rstrip('/')}/{rel}", dst_path=str(folder) if folder else None))
 
 
 def registered_serving(registered: dict, files: list[str], cwd: Path) -> dict:
     """The serving figures of the registered version (reports/register.json), for
     reports/export.json."""
-    import mlflow
-
     from imgclf.tracking import store
 
-    client = store.make_client()
-    model_id = registered["model_uri"].removeprefix("models:/")
-    location = client.get_logged_model(model_id).artifact_location
-    store.use_fluent()
-    requirements_file = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{location.rstrip('/')}/requirements.txt")
-    requirements = Path(requirements_file).read_text(encoding="utf-8").split()
+    requirements = _logged_file(registered, "requirements.txt").read_text(
+        encoding="utf-8").split()
     version_uri = f"models:/{registered['registered_model']}/{registered['model_version']}"
     return {"model": version_uri, "requirements": requirements,
             "environment_mb": environment_mb(requirements),

@@ -28,7 +28,7 @@ def _log_outputs(client, run_id: str, timings: dict, calibration: dict) -> None:
         client.log_metric(run_id, f"calibration_{key}", value)
 
 
-def publish(client, params: Params, pending: dict) -> dict:
+def publish(client, pending: dict) -> dict:
     """Send MLflow what a finished training has on disk (`pending`), then write
     reports/train.json. A server that does not answer leaves models/mlflow_pending.json."""
     run_id = pending["run_id"]
@@ -80,7 +80,7 @@ def relog() -> dict:
                         f"data/prepared and {paths.MODEL_FILE} now hold; restore them (git "
                         "checkout, dvc checkout) and run `imgclf relog` again")
     store.check_reachable()
-    report = publish(store.make_client(), params, pending)
+    report = publish(store.make_client(), pending)
     print(f"relog: MLflow run {report['run_id']} complete. If the train stage ended with "
           "this error under DVC, `dvc commit train` records it as done; `dvc repro` then "
           "registers the model.")

@@ -93,15 +93,10 @@ def serving_artifacts(client, run_id: str, params: Params, folder: Path) -> tupl
     if params.mlflow.serving_format == "keras":
         return {}, "keras"
     import keras
-    import numpy as np
 
-    from imgclf.data.manifests import evenly_spaced, read_classes, read_manifest
-    from imgclf.model.formats import SERVING_SAMPLE, SERVING_VARIANT, serving_copy
-    from imgclf.serving.batches import iter_batches
+    from imgclf.model.formats import SERVING_SAMPLE, SERVING_VARIANT, sample_pixels, serving_copy
 
-    files = evenly_spaced(read_manifest("val", read_classes())[0], SERVING_SAMPLE)
-    pixels = np.concatenate([p for _good, p, _bad in iter_batches(
-        files, params.model.image_size, params.model.resize, 32)])
+    pixels = sample_pixels(params, "val", SERVING_SAMPLE)
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     path, agreement = serving_copy(model, pixels, folder)
     if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
@@ -162,12 +157,14 @@ def _registered_version(client, name: str, run_id: str, key: str):
 
 def _logged_model(client, run_id: str, key: str):
     """The model this run already logged with `key` (a stage killed before registering it)."""
+    from mlflow.entities import LoggedModelStatus
+
     experiment_id = client.get_run(run_id).info.experiment_id
     found = client.search_logged_models(
         [experiment_id], filter_string=f"source_run_id = '{run_id}' AND "
         f"tags.`{KEY_TAG}` = '{key}'")
-    return next((m for m in found if str(m.status) in ("READY", "LoggedModelStatus.READY")),
-                None)
+    # READY only: one whose upload a kill cut short stays PENDING and is not reused.
+    return next((m for m in found if m.status == LoggedModelStatus.READY), None)
 
 
 def _log_model(run_id: str, params: Params, key: str, folder: Path, extra: dict,

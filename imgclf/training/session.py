@@ -286,7 +286,7 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
         if role.is_chief:
             runs.mark_killed(client, run_id)
         raise
-    # Saving and MLflow's model check run outside the strategy: under a multi-worker one, a
+    # Saving and calibration run outside the strategy: under a multi-worker one, a
     # variable created now would wait forever for workers that have already finished.
     strategy_scope.close()
     from imgclf.model.network import weights_digest
@@ -314,4 +314,4 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
     io.write_json(paths.MLFLOW_PENDING, pending)
     # The model is saved: the checkpoints (resume state, best weights) have served.
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return publish(client, params, pending)
+    return publish(client, pending)
