@@ -111,8 +111,7 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    tflite: list[Literal["float32", "dynamic", "float16", "int8"]] = [
-        "float32", "dynamic", "float16"]
+    tflite: list[Literal["float32", "dynamic", "float16", "int8"]] = ["dynamic"]
     calibration_images: int = Field(100, ge=1)
     parity_images: int = Field(256, ge=1)
     bench_batch_size: int = Field(32, ge=1)

@@ -4,10 +4,10 @@ Reads params sections export, model (image_size, resize), prepare.max_pixels. Wr
 models/export/ and reports/export.json (with what serving the registered version costs:
 its environment, the cold start and throughput of `mlflow models serve`), and logs the
 report to the training run in MLflow.
-Fails when the SavedModel or TFLite float32 disagree with the Keras model (top-1 on any
-checked test image: up to export.parity_images of them; or a probability off by more than
-1e-4), or when the SavedModel's image-bytes signature agrees with it on fewer than 99%:
-an export that changes answers must not ship.
+Fails when the SavedModel (or TFLite float32, if written) disagrees with the Keras model
+(top-1 on any checked test image: up to export.parity_images of them; or a probability off
+by more than 1e-4), or when the SavedModel's image-bytes signature agrees with it on fewer
+than 99%: an export that changes answers must not ship.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Resume state of an interrupted training run: written atomically after every epoch.
 
-models/checkpoints/last/ holds the weights that change (the head's in phase 1, the full
-model's in phase 2), the current optimizer's variables
+models/checkpoints/last/ holds the weights that change (the head's in phase 1; in phase 2
+the head's and the unfrozen top's), the current optimizer's variables
 (slots, step counter, learning rate), the tracker state (epochs done, phase, best so far,
 history) and the MLflow run id. A fingerprint of the params and the data guards it: a state
 left by a different configuration is never resumed.
@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from imgclf import io
@@ -39,12 +38,13 @@ def fingerprint(params_flat: dict, data_version: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def save(directory: Path, model: keras.Model, optimizer_arrays: list[np.ndarray] | None,
+def save(directory: Path, model, optimizer_arrays: list[np.ndarray] | None,
          state: TrackerState, fp: str, run_id: str | None,
          same_weights_as: Path | None = None, scope: str = "full") -> None:
-    """`model`: what changes (`scope` head: the head alone, in phase 1; full: the whole
-    model). `same_weights_as`: a weights file already holding `model`'s current weights (the
-    best epoch's, just saved): linked, not written again (all 54M weights: ~2 s an epoch)."""
+    """`model`: what saves what changes (`scope` head: the head alone, in phase 1; top: the
+    head and the unfrozen top, in phase 2; see `phases.holding`). `same_weights_as`: a
+    weights file already holding those weights (the best epoch's, just saved): linked, not
+    written again."""
     with io.replaced_dir(directory) as staging:
         if same_weights_as is None or not _linked(same_weights_as, staging / WEIGHTS_FILE):
             model.save_weights(staging / WEIGHTS_FILE)
@@ -69,7 +69,7 @@ class Saved:
     run_id: str | None
     weights: Path
     optimizer_arrays: list[np.ndarray] | None
-    scope: str = "full"  # head: `weights` holds the head alone (phase 1); full: the model
+    scope: str = "full"  # what `weights` holds: head (phase 1) | top (phase 2) | full
 
 
 def load(directory: Path, fp: str) -> Saved | None:

@@ -209,6 +209,7 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
     from imgclf.training import resume
     from imgclf.training.phases import (
         finish,
+        holding,
         run_finetune_phase,
         run_head_phase,
         start_finetune,
@@ -221,9 +222,9 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
         arrays = saved.optimizer_arrays if saved_phase == "head" else None
         run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
                        optimizer_arrays=arrays)
-        start_finetune(classifier, tracker)  # from the best weights, saved whole
-        resume.save(resume_dir, classifier.model, None, state, fp, run_id,
-                    same_weights_as=tracker.best_path)
+        start_finetune(classifier, tracker, params.train.unfreeze)  # from the best weights
+        resume.save(resume_dir, holding(classifier, "top"), None, state, fp, run_id,
+                    same_weights_as=tracker.best_path, scope="top")
         tracker.prune_best()
     if state.phase == "finetune":
         arrays = saved.optimizer_arrays if saved_phase == "finetune" else None

@@ -210,7 +210,7 @@ def test_phase_two_leaves_the_base_batchnorm_statistics_unchanged(tiny_project, 
     before = [[v.numpy().copy() for v in (n.moving_mean, n.moving_variance)] for n in norms]
     tracker = Tracker(clf, TrackerState(), "val_accuracy", 0, tiny_project / "b.weights.h5",
                       [])
-    start_finetune(clf, tracker)
+    start_finetune(clf, tracker, params.train.unfreeze)
     unfrozen = [w.numpy().copy() for w in clf.base.get_layer("conv_7b").weights]
     run_finetune_phase(clf, data, params.train, tracker)
     assert tracker.state.history[-1]["phase"] == "finetune"

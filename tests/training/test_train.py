@@ -148,23 +148,43 @@ def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
         head.kernel.assign(np.full(head.kernel.shape, epoch, "float32"))
         tracker.on_epoch_begin(epoch)
         tracker.on_epoch_end(epoch, {"val_accuracy": val_acc, "accuracy": 0.1, "loss": 1.0})
-    start_finetune(clf, tracker)
+    start_finetune(clf, tracker, "block8_9_ac")
     assert tracker.state.phase == "finetune"
     head.kernel.assign(np.full(head.kernel.shape, 9, "float32"))  # fine-tune makes it worse
-    base_weight = clf.base.weights[0]
-    before = base_weight.numpy().copy()
-    base_weight.assign(before + 1.0)  # ...of the base too
+    top_weight = clf.base.get_layer("conv_7b").kernel  # ...of the unfrozen top too
+    before = top_weight.numpy().copy()
+    top_weight.assign(before + 1.0)
     tracker.on_epoch_begin(2)
     tracker.on_epoch_end(2, {"val_accuracy": 0.1, "accuracy": 0.9, "loss": 0.1})
     finish(clf, tracker)
     assert tracker.state.best_epoch == 1
     assert float(head.kernel.numpy().mean()) == 1.0  # the head of epoch 1
-    np.testing.assert_array_equal(base_weight.numpy(), before)  # and the base it had then
+    np.testing.assert_array_equal(top_weight.numpy(), before)  # and the top it had then
     # Phase 1's checkpoints hold the head alone; the best that phase 2 may fall back on
-    # holds the whole model.
-    assert tracker.best_path == tmp_path / "best-full-0001.weights.h5"
+    # holds what phase 2 changes (the head and the unfrozen top), not the whole model.
+    assert tracker.best_path == tmp_path / "best-top-0001.weights.h5"
     assert (tmp_path / "best-head-0001.weights.h5").stat().st_size < \
         tracker.best_path.stat().st_size / 4
+    whole = tmp_path / "whole.weights.h5"
+    clf.model.save_weights(whole)
+    assert tracker.best_path.stat().st_size < whole.stat().st_size / 4
+
+
+def test_phase_two_checkpoint_loads_into_a_model_built_again(tmp_path):
+    """A resumed run rebuilds the model in a fresh process, with other layer names and the
+    base frozen again: the phase-2 checkpoint still restores the weights it holds."""
+    from imgclf.training.phases import ChangingWeights
+
+    clf = small_model()
+    unfreeze_top(clf.base, "block8_9_ac")
+    for variable in clf.model.trainable_weights:
+        variable.assign(np.full(variable.shape, 0.5, "float32"))
+    ChangingWeights(clf.model).save_weights(tmp_path / "top.weights.h5")
+    again = small_model()  # Keras numbers this one's layers on from the first's
+    ChangingWeights(again.model).load_weights(tmp_path / "top.weights.h5")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 75, 75, 3)).astype("float32")
+    np.testing.assert_allclose(again.model.predict(x, verbose=0),
+                               clf.model.predict(x, verbose=0), atol=1e-6)
 
 
 def _history(project):
