@@ -18,6 +18,9 @@ AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
 FEATURES_DIR = Path("data/features")
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
+# The SavedModel register writes once: its TFLite serving copy is converted from it, and
+# export ships it.
+SAVED_MODEL_DIR = MODELS_DIR / "saved_model"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
 RESUME_DIR = CHECKPOINTS_DIR / "last"
 # Written only when the tracking server went away: what `imgclf relog` still has to send.

@@ -1,13 +1,13 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
 
-Reads params sections export, model (image_size, resize), prepare.max_pixels. Writes
-models/export/ and reports/export.json (with what serving the registered version costs:
-its environment, the cold start and throughput of `mlflow models serve`), and logs the
-report to the training run in MLflow.
+Reads params sections export, model (image_size, resize), prepare.max_pixels, and what
+`register` wrote (its SavedModel and TFLite serving copy ship as they are). Writes
+models/export/ and reports/export.json (logged to the training run), with the registered
+version's serving costs: environment, cold start, throughput of `mlflow models serve`.
 Fails when the SavedModel (or TFLite float32, if written) disagrees with the Keras model
-(top-1 on any checked test image: up to export.parity_images of them; or a probability off
-by more than 1e-4), or when the SavedModel's image-bytes signature agrees with it on fewer
-than 99%: an export that changes answers must not ship.
+(top-1 on any checked test image, up to export.parity_images of them, or a probability off
+by more than 1e-4), or when its image-bytes signature agrees with it on fewer than 99%: an
+export that changes answers must not ship.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from imgclf.params import load_params
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    if not paths.MODEL_FILE.is_file() or not paths.REGISTER_REPORT.is_file():
+    if not all(p.exists() for p in (paths.MODEL_FILE, paths.REGISTER_REPORT,
+                                    paths.SAVED_MODEL_DIR)):
         raise UserError("no registered model: run `dvc repro register` first")
     import keras
 
@@ -36,16 +37,16 @@ def main() -> None:
     files, _ = read_manifest("test", classes)
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     registered = io.read_json(paths.REGISTER_REPORT)
-    with tempfile.TemporaryDirectory() as tmp:  # the registered serving copy, not converted again
+    with tempfile.TemporaryDirectory() as tmp:
         served = registered_tflite(registered, Path(tmp))
-        report = export_all(params, model, classes, files, dict([served]) if served else None)
+        report = export_all(params, model, classes, files, paths.SAVED_MODEL_DIR,
+                            dict([served]) if served else None)
     report["serving"] = registered_serving(registered, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)
     runs.log_export(store.make_client(), registered["run_id"], paths.EXPORT_REPORT,
                     report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
-          f"{report['speedup_vs_keras_predict']}x Keras predict at batch "
-          f"{report['batch_size']})")
+          f"{report['speedup_vs_keras_predict']}x Keras predict at batch {report['batch_size']})")
     for name, fmt in report["formats"].items():
         print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {fmt['latency_ms_batch1']:>9.1f} ms/img "
               f"{fmt['images_per_s']:>8.1f} img/s  top-1 agreement {fmt['top1_agreement']:.4f}")

@@ -1,9 +1,11 @@
 """DVC stage `register`: the trained model logged to its MLflow run and registered.
 
 Reads params sections mlflow (model_name, serving_format), model (image_size, resize),
-prepare.max_pixels. Logs models/model.keras as an MLflow pyfunc over image files, with the
-serving copy it computes with (`mlflow.serving_format: auto`: a dynamic-range TFLite copy
-checked against Keras on validation images), registers it as a new version of
+prepare.max_pixels. Writes models/saved_model/ (the model's SavedModel: image bytes or
+pixels in; what the TFLite copies are converted from and what export ships). Logs
+models/model.keras as an MLflow pyfunc over image files, with the serving copy it computes
+with (`mlflow.serving_format: auto`: a dynamic-range TFLite copy checked against Keras on
+validation images), registers it as a new version of
 `mlflow.model_name` with its model card, and writes reports/register.json (what evaluate and
 export read). Its own stage so that renaming the model, the serving format or the serving
 code registers again without retraining; a rerun with nothing changed registers nothing.
@@ -21,12 +23,22 @@ def main() -> None:
     params = load_params()
     if not paths.MODEL_FILE.is_file() or not paths.TRAIN_REPORT.is_file():
         raise UserError("no trained model: run the train stage first (dvc repro train)")
+    import keras
+
+    from imgclf.data.manifests import read_classes
+    from imgclf.model.formats import write_saved_model
     from imgclf.tracking import store
     from imgclf.tracking.registration import register
 
     store.check_reachable()
     client = store.make_client()
-    report = register(client, params, io.read_json(paths.TRAIN_REPORT))
+    model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
+    # Written here, once: the serving copy is converted from it and export ships it.
+    with io.replaced_dir(paths.SAVED_MODEL_DIR) as staging:
+        write_saved_model(model, read_classes(), params.model.image_size, params.model.resize,
+                          staging)
+    report = register(client, params, io.read_json(paths.TRAIN_REPORT), model,
+                      paths.SAVED_MODEL_DIR)
     io.write_json(paths.REGISTER_REPORT, report)
     print(f"register: {report['model_uri']} is {report['registered_model']} version "
           f"{report['model_version']} (serving with {report['serving_format']})")

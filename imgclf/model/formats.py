@@ -89,10 +89,15 @@ def _tf_decode_rgb(data):
 
 
 def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path) -> None:
+    """The SavedModel of `model` at `path`: `serving_default` (image bytes in) and
+    `predict_pixels` (float pixels 0-255 in, what `write_tflite` converts)."""
+    import keras
     import tensorflow as tf
 
     class_names = tf.constant(classes)
-    archive, predict_pixels = _pixels_archive(model, size)
+    predict_pixels = tf.function(
+        lambda pixels: {"probabilities": model(pixels, training=False)},
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
 
     def decode(data):
         return _tf_fit_to_square(_tf_decode_rgb(data), size, resize)
@@ -106,32 +111,14 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
         return {"probabilities": probs, "class_name": tf.gather(class_names, top),
                 "confidence": tf.reduce_max(probs, axis=-1)}
 
-    archive.add_endpoint("serving_default", serve_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.write_out(str(path), verbose=False)
-
-
-def _pixels_archive(model, size: int):
-    """(an export archive of `model` with the `predict_pixels` signature (float pixels 0-255
-    in, `probabilities` out): what `write_tflite` converts and `saved_model_runner` calls;
-    that signature's function)."""
-    import keras
-    import tensorflow as tf
-
-    predict_pixels = tf.function(
-        lambda pixels: {"probabilities": model(pixels, training=False)},
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     archive = keras.export.ExportArchive()
     # No `archive.track(model)`: on the TensorFlow backend it stores every weight a second
     # time beside the ones the endpoint captures (keras-team/keras#23553): a SavedModel of
     # twice the weights. The endpoints' traced functions track the variables they use.
     archive.add_endpoint("predict_pixels", predict_pixels)
-    return archive, predict_pixels
-
-
-def write_pixels_model(model, size: int, path: Path) -> None:
-    """A SavedModel with only the `predict_pixels` signature (what TFLite converts)."""
-    _pixels_archive(model, size)[0].write_out(str(path), verbose=False)
+    archive.add_endpoint("serving_default", serve_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.write_out(str(path), verbose=False)
 
 
 def write_tflite(saved_model: Path, variants: dict[str, Path],
@@ -194,13 +181,13 @@ SERVING_VARIANT = "dynamic"  # the serving copy: 4-6x Keras on CPU, weights int8
 SERVING_SAMPLE = 256  # validation images the serving copy is checked on: +-1 point at 98%
 
 
-def serving_copy(model, pixels: np.ndarray, folder: Path) -> tuple[Path | None, float]:
-    """(the TFLite file to serve with, or None to serve Keras; its top-1 agreement with Keras
-    on `pixels`). The quantised copy serves only when it keeps QUANTISED_MIN_AGREEMENT."""
-    size = int(model.input_shape[1])
-    write_pixels_model(model, size, folder / SAVED_MODEL)
+def serving_copy(model, saved_model: Path, pixels: np.ndarray,
+                 folder: Path) -> tuple[Path | None, float]:
+    """(the TFLite file to serve with, converted from `model`'s SavedModel into `folder`, or
+    None to serve Keras; its top-1 agreement with Keras on `pixels`). The quantised copy
+    serves only when it keeps QUANTISED_MIN_AGREEMENT."""
     path = folder / tflite_name(SERVING_VARIANT)
-    write_tflite(folder / SAVED_MODEL, {SERVING_VARIANT: path})
+    write_tflite(saved_model, {SERVING_VARIANT: path})
     keras_fn, lite = keras_predictor(model), tflite_runner(path, f"tflite_{SERVING_VARIANT}")
     agreement = parity(in_chunks(keras_fn, pixels),
                        in_chunks(lite, pixels))["decided_top1_agreement"]
@@ -237,11 +224,12 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
 
 
 def export_all(params: Params, model, classes: list[str], files: list[str],
-               converted: dict[str, Path] | None = None) -> dict:
+               saved_model: Path, converted: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on (up to
     `export.parity_images` of) the test files, with its size and speed; returns the report.
-    `converted`: TFLite variants already converted from this model ({variant: file}: the
-    registered serving copy), shipped as they are and checked like the others."""
+    `saved_model`: the model's SavedModel (register's), shipped as it is and the source of
+    the TFLite variants; `converted`: TFLite variants already converted from it ({variant:
+    file}: the registered serving copy), shipped as they are and checked like the others."""
     import tensorflow as tf
 
     from imgclf.data.manifests import evenly_spaced
@@ -254,7 +242,7 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
     size, resize = params.model.image_size, params.model.resize
     batch = params.export.bench_batch_size
     with io.replaced_dir(paths.EXPORT_DIR) as staging:
-        write_saved_model(model, classes, size, resize, staging / SAVED_MODEL)
+        shutil.copytree(saved_model, staging / SAVED_MODEL)
         converted = {v: f for v, f in (converted or {}).items() if v in params.export.tflite}
         for variant, file in converted.items():
             shutil.copyfile(file, staging / tflite_name(variant))
