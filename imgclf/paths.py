@@ -21,6 +21,9 @@ MODEL_FILE = MODELS_DIR / "model.keras"
 # The SavedModel register writes once: its TFLite serving copy is converted from it, and
 # export ships it.
 SAVED_MODEL_DIR = MODELS_DIR / "saved_model"
+# The Keras model's test-split probabilities, computed once by register: what evaluate and
+# export compare the served and exported formats with (imgclf.model.reference).
+KERAS_TEST_PROBS = MODELS_DIR / "keras_test_probs.npz"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
 RESUME_DIR = CHECKPOINTS_DIR / "last"
 # Written only when the tracking server went away: what `imgclf relog` still has to send.

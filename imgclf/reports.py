@@ -16,9 +16,10 @@ def _short(path: str, width: int = 28) -> str:
 
 
 def served_and_keras(served, files: list[str], labels: np.ndarray, classes: list[str],
-                     params) -> tuple[np.ndarray, dict, str]:
+                     params, stored_keras: np.ndarray) -> tuple[np.ndarray, dict, str]:
     """(the served model's test probabilities, the Keras model's numbers beside them, the
-    served format). Keras is run only where the served format is not Keras itself."""
+    served format). The Keras model's are `stored_keras` (register ran it over the test
+    split); with evaluate.tta they are computed here, over each image and its mirror."""
     from tqdm import tqdm
 
     from imgclf import metrics as m
@@ -34,7 +35,8 @@ def served_and_keras(served, files: list[str], labels: np.ndarray, classes: list
                         f"{bad[0][1]}): rerun the prepare stage")
     if inner.format == "keras":
         return probs, {}, inner.format
-    keras_probs, _, _ = predict_files(inner.keras_runner("keras", tta), files, batch)
+    keras_probs = (predict_files(inner.keras_runner("keras", tta), files, batch)[0] if tta
+                   else stored_keras)
     keras_numbers = m.summary_metrics(keras_probs, labels)
     return probs, {
         "keras_accuracy": round(keras_numbers["accuracy"], 6),

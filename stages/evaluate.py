@@ -1,16 +1,15 @@
 """DVC stage `evaluate`: honest numbers on the held-out test split, of the model in production.
 
-Reads params sections evaluate, model (image_size, resize). The test split is used here only:
-never for early stopping or model choice. The registered version that `register` made is loaded
-as `mlflow models serve` loads it, and each test file goes through it as a client sends it
-(base64 bytes): the test metrics are those of what serves. The Keras model's own numbers and
-its agreement with the served format are reported beside them. Writes reports/metrics.json
-(DVC metrics), reports/per_class.csv, reports/confused_pairs.csv, reports/errors.csv (every
-misclassified file, worst first), reports/plots/confusion.csv (DVC confusion plot) and
-reports/figures/*.png (reliability.png: calibration before and after the temperature) and
-reports/train_curves.png (from train's history); logs
-them to the training run in MLflow, tags the registered version with the test metrics (what
-the promotion gate compares) and writes its model card.
+Reads params evaluate, model (image_size, resize). The test split decides nothing (no early
+stopping, no model choice). The registered version is loaded as `mlflow models serve` loads
+it; each test file goes through it as a client sends it (base64 bytes): the test metrics are
+those of what serves. Beside them, the Keras model's numbers and its agreement with the
+served format, from register's models/keras_test_probs.npz (a TFLite-served model is
+evaluated without loading Keras, as it is deployed). Writes reports/metrics.json (DVC
+metrics), reports/per_class.csv, confused_pairs.csv, errors.csv (misclassified files, worst
+first), plots/confusion.csv, figures/*.png (reliability.png: calibration before and after the
+temperature), train_curves.png; logs them to the training run, tags the registered version
+with the test metrics (what promotion compares) and writes its model card.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ def main() -> None:
         raise UserError("no registered model: run `dvc repro register` first")
     from imgclf.cards import model_card
     from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.model import reference
     from imgclf.reports import (
         evaluation_lines,
         served_and_keras,
@@ -41,7 +41,9 @@ def main() -> None:
     train_report = {**io.read_json(paths.TRAIN_REPORT), **io.read_json(paths.REGISTER_REPORT)}
     uri = registry.version_uri(train_report["registered_model"], train_report["model_version"])
     with registry.served_model(uri) as served:
-        probs, keras_summary, fmt = served_and_keras(served, files, labels, classes, params)
+        probs, keras_summary, fmt = served_and_keras(
+            served, files, labels, classes, params,
+            reference.read(files, train_report["weights_digest"]))
     summary, per_class, matrix, pairs, reliability = test_results(
         probs, labels, classes, train_report.get("temperature", 1.0))
     artifacts = write_evaluation({**summary, **keras_summary}, per_class, matrix, pairs,
@@ -49,9 +51,8 @@ def main() -> None:
                                  params.model.image_size, params.model.resize)
     card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
                       train_report, {**summary, **keras_summary}, fmt)
-    pictures = training_pictures()
     runs.log_evaluation(store.make_client(), train_report, summary, keras_summary, fmt,
-                        artifacts, card, pictures)
+                        artifacts, card, training_pictures())
     print(evaluation_lines(uri, fmt, summary, keras_summary, pairs, params.evaluate.tta))
 
 

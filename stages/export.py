@@ -1,13 +1,12 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
 
-Reads params sections export, model (image_size, resize), prepare.max_pixels, and what
-`register` wrote (its SavedModel and TFLite serving copy ship as they are). Writes
-models/export/ and reports/export.json (logged to the training run), with the registered
-version's serving costs: environment, cold start, throughput of `mlflow models serve`.
-Fails when the SavedModel (or TFLite float32, if written) disagrees with the Keras model
-(top-1 on any checked test image, up to export.parity_images of them, or a probability off
-by more than 1e-4), or when its image-bytes signature agrees with it on fewer than 99%: an
-export that changes answers must not ship.
+Reads params export, model (image_size, resize), prepare.max_pixels, and what `register`
+wrote: its SavedModel and TFLite serving copy ship as they are, and its Keras test
+probabilities are what every format is checked against. Writes models/export/ and
+reports/export.json (logged to the training run), with the registered version's serving
+costs (environment, cold start, throughput of `mlflow models serve`). Fails when the
+SavedModel (on a batch) or TFLite float32 (on up to export.parity_images test images) differs
+from Keras (top-1, or a probability by >1e-4), or the image-bytes signature agrees <99%.
 """
 
 from __future__ import annotations
@@ -29,17 +28,18 @@ def main() -> None:
     import keras
 
     from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.model import reference
     from imgclf.model.formats import export_all
     from imgclf.tracking import runs, store
     from imgclf.tracking.deployment import registered_serving, registered_tflite
 
-    classes = read_classes()
+    classes, registered = read_classes(), io.read_json(paths.REGISTER_REPORT)
     files, _ = read_manifest("test", classes)
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
-    registered = io.read_json(paths.REGISTER_REPORT)
     with tempfile.TemporaryDirectory() as tmp:
         served = registered_tflite(registered, Path(tmp))
         report = export_all(params, model, classes, files, paths.SAVED_MODEL_DIR,
+                            reference.read(files, registered["weights_digest"]),
                             dict([served]) if served else None)
     report["serving"] = registered_serving(registered, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)

@@ -32,13 +32,17 @@ def read_manifest(split: str, classes: list[str]) -> tuple[list[str], np.ndarray
     return frame["path"].tolist(), frame["label"].map(index).to_numpy(dtype=np.int32)
 
 
+def evenly_spaced_indices(n: int, count: int) -> list[int]:
+    """At most `count` of the indices 0..n-1, evenly spaced through them."""
+    if n <= count:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+
+
 def evenly_spaced(files: list[str], count: int) -> list[str]:
     """At most `count` of `files`, evenly spaced through them: a manifest is sorted by class,
     so every class is sampled."""
-    if len(files) <= count:
-        return list(files)
-    return [files[i] for i in sorted(set(np.linspace(0, len(files) - 1, count)
-                                         .round().astype(int)))]
+    return [files[i] for i in evenly_spaced_indices(len(files), count)]
 
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height"]

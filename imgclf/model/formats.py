@@ -33,7 +33,6 @@ from imgclf.serving.runners import (
     SAVED_MODEL,
     Runner,
     in_chunks,
-    keras_predictor,
     saved_model_bytes_fn,
     saved_model_runner,
     tflite_name,
@@ -181,14 +180,14 @@ SERVING_VARIANT = "dynamic"  # the serving copy: 4-6x Keras on CPU, weights int8
 SERVING_SAMPLE = 256  # validation images the serving copy is checked on: +-1 point at 98%
 
 
-def serving_copy(model, saved_model: Path, pixels: np.ndarray,
+def serving_copy(keras_fn, saved_model: Path, pixels: np.ndarray,
                  folder: Path) -> tuple[Path | None, float]:
-    """(the TFLite file to serve with, converted from `model`'s SavedModel into `folder`, or
-    None to serve Keras; its top-1 agreement with Keras on `pixels`). The quantised copy
-    serves only when it keeps QUANTISED_MIN_AGREEMENT."""
+    """(the TFLite file to serve with, converted from the model's SavedModel into `folder`,
+    or None to serve Keras; its top-1 agreement with Keras, `keras_fn`, on `pixels`). The
+    quantised copy serves only when it keeps QUANTISED_MIN_AGREEMENT."""
     path = folder / tflite_name(SERVING_VARIANT)
     write_tflite(saved_model, {SERVING_VARIANT: path})
-    keras_fn, lite = keras_predictor(model), tflite_runner(path, f"tflite_{SERVING_VARIANT}")
+    lite = tflite_runner(path, f"tflite_{SERVING_VARIANT}")
     agreement = parity(in_chunks(keras_fn, pixels),
                        in_chunks(lite, pixels))["decided_top1_agreement"]
     return (path if agreement >= QUANTISED_MIN_AGREEMENT else None), agreement
@@ -196,17 +195,18 @@ def serving_copy(model, saved_model: Path, pixels: np.ndarray,
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,
                   batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every runner's probabilities on the same decoded test pixels, one batch at a time."""
+    """Every runner's probabilities on the same decoded test pixels, one batch at a time;
+    and the first batch's pixels."""
     out: dict[str, list] = {name: [] for name in runners}
-    sample = None
+    first = None
     for _good, pixels, bad in iter_batches(files, size, resize, batch_size):
         if bad:
             raise UserError(f"test image {files[bad[0][0]]} cannot be read: rerun prepare")
-        if sample is None:
-            sample = pixels[:8]
+        if first is None:
+            first = pixels
         for name, runner in runners.items():
             out[name].append(runner(pixels))
-    return {k: np.concatenate(v) for k, v in out.items()}, sample
+    return {k: np.concatenate(v) for k, v in out.items()}, first
 
 
 def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
@@ -224,20 +224,24 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
 
 
 def export_all(params: Params, model, classes: list[str], files: list[str],
-               saved_model: Path, converted: dict[str, Path] | None = None) -> dict:
+               saved_model: Path, keras_probs: np.ndarray,
+               converted: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on (up to
     `export.parity_images` of) the test files, with its size and speed; returns the report.
     `saved_model`: the model's SavedModel (register's), shipped as it is and the source of
-    the TFLite variants; `converted`: TFLite variants already converted from it ({variant:
-    file}: the registered serving copy), shipped as they are and checked like the others."""
+    the TFLite variants; `keras_probs`: the Keras model's probabilities on every test file
+    (register's, models/keras_test_probs.npz): the reference, not computed again;
+    `converted`: TFLite variants already converted from it ({variant: file}: the registered
+    serving copy), shipped as they are and checked like the others."""
     import tensorflow as tf
 
-    from imgclf.data.manifests import evenly_spaced
+    from imgclf.data.manifests import evenly_spaced_indices
 
     n_test = len(files)
     # A check of the conversion, not of the data: a sample that does not grow with the test
     # split (evaluate measures the served format on all of it).
-    files = evenly_spaced(files, params.export.parity_images)
+    chosen = evenly_spaced_indices(n_test, params.export.parity_images)
+    files, reference = [files[i] for i in chosen], keras_probs[chosen]
 
     size, resize = params.model.image_size, params.model.resize
     batch = params.export.bench_batch_size
@@ -252,26 +256,28 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
                      if "int8" in params.export.tflite else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
-        keras_fn = keras_predictor(model)
         saved_model = tf.saved_model.load(str(staging / SAVED_MODEL))
-        runners = {"keras": Runner("keras", keras_fn, paths.MODEL_FILE.stat().st_size),
-                   "saved_model": saved_model_runner(staging / SAVED_MODEL, saved_model)}
-        for variant in params.export.tflite:
-            runners[f"tflite_{variant}"] = tflite_runner(
-                staging / tflite_name(variant), f"tflite_{variant}")
-        probs, sample = collect_probs(runners, files, size, resize, batch)
-        reference = probs["keras"]
+        runners = {f"tflite_{v}": tflite_runner(staging / tflite_name(v), f"tflite_{v}")
+                   for v in params.export.tflite}
+        probs, first = collect_probs(runners, files, size, resize, batch)
+        # The SavedModel's pixels signature is the Keras graph itself, exact or broken
+        # everywhere: one batch checks it (its image-bytes signature, which decodes in
+        # TensorFlow, is checked on every parity image below).
+        runners["saved_model"] = saved_model_runner(staging / SAVED_MODEL, saved_model)
+        probs["saved_model"] = runners["saved_model"](first)
+        sample = first[:8]
         formats: dict[str, dict] = {}
         keras_predict = Runner("keras_predict",
                                lambda x: model.predict(x, batch_size=len(x), verbose=0), 0)
-        baseline = speed(keras_predict, sample, batch)
-        formats["keras"] = {"size_mb": round(runners["keras"].size_bytes / 1e6, 2),
-                            **baseline, "top1_agreement": 1.0, "max_abs_diff": 0.0}
-        for name, runner in runners.items():
-            if name == "keras":
-                continue
+        formats["keras"] = {"size_mb": round(paths.MODEL_FILE.stat().st_size / 1e6, 2),
+                            **speed(keras_predict, sample, batch), "top1_agreement": 1.0,
+                            "max_abs_diff": 0.0, "checked_images": len(files)}
+        for name in ["saved_model", *(n for n in runners if n != "saved_model")]:
+            runner, checked = runners[name], len(probs[name])
             formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2),
-                             **speed(runner, sample, batch), **parity(reference, probs[name])}
+                             **speed(runner, sample, batch),
+                             **parity(reference[:checked], probs[name]),
+                             "checked_images": checked}
         exact = ["saved_model"] + (["tflite_float32"] if "tflite_float32" in formats else [])
         broken = [n for n in exact if formats[n]["top1_agreement"] < 1.0
                   or formats[n]["max_abs_diff"] > FLOAT_TOLERANCE]

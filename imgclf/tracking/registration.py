@@ -86,18 +86,18 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def serving_artifacts(client, run_id: str, params: Params, model, saved_model: Path,
+def serving_artifacts(client, run_id: str, params: Params, keras_fn, saved_model: Path,
                       folder: Path) -> tuple[dict, str]:
     """(extra pyfunc artifacts, the format serving computes with) for mlflow.serving_format:
-    with `auto`, a dynamic-range TFLite copy (converted from `model`'s SavedModel) when it
-    agrees with Keras on enough validation images (top-1, logged as
-    `serving_top1_agreement`)."""
+    with `auto`, a dynamic-range TFLite copy (converted from the model's SavedModel) when it
+    agrees with Keras (`keras_fn`, the model's compiled call) on enough validation images
+    (top-1, logged as `serving_top1_agreement`)."""
     if params.mlflow.serving_format == "keras":
         return {}, "keras"
     from imgclf.model.formats import SERVING_SAMPLE, SERVING_VARIANT, sample_pixels, serving_copy
 
     pixels = sample_pixels(params, "val", SERVING_SAMPLE)
-    path, agreement = serving_copy(model, saved_model, pixels, folder)
+    path, agreement = serving_copy(keras_fn, saved_model, pixels, folder)
     if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
         client.log_metric(run_id, "serving_top1_agreement", agreement)
     fmt = f"tflite_{SERVING_VARIANT}" if path else "keras"
@@ -194,10 +194,10 @@ def _log_model(run_id: str, params: Params, key: str, folder: Path, extra: dict,
     return info.model_uri
 
 
-def register(client, params: Params, train_report: dict, model, saved_model: Path) -> dict:
-    """Log and register the model train wrote (`model`, loaded; `saved_model`, its
-    SavedModel), or find the version a killed rerun already made; the version's model card;
-    returns what reports/register.json holds."""
+def register(client, params: Params, train_report: dict, keras_fn, saved_model: Path) -> dict:
+    """Log and register the model train wrote (`keras_fn`, its compiled call; `saved_model`,
+    its SavedModel), or find the version a killed rerun already made; the version's model
+    card; returns what reports/register.json holds."""
     import mlflow
 
     run_id, name = train_report["run_id"], params.mlflow.model_name
@@ -211,7 +211,7 @@ def register(client, params: Params, train_report: dict, model, saved_model: Pat
     logged = _logged_model(client, run_id, key)
     if logged is None:
         with tempfile.TemporaryDirectory() as tmp:
-            extra, serving_format = serving_artifacts(client, run_id, params, model,
+            extra, serving_format = serving_artifacts(client, run_id, params, keras_fn,
                                                       saved_model, Path(tmp))
             model_uri = _log_model(run_id, params, key, Path(tmp), extra, serving_format)
     else:  # logged by a register killed before it registered
