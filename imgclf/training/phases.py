@@ -65,8 +65,8 @@ def make_optimizer(train: TrainParams, lr) -> keras.optimizers.Optimizer:
 
 
 # Steps run per call into the compiled graph when training on stored arrays: their steps are
-# small (the top block, or the head alone), so Python's per-step round trip is a third of one
-# (measured at 150 px, batch 32: 300 -> 485 images/s). Same batches, same updates.
+# small (the top block, or the head alone), and Python's round trip per step was a third of
+# each (measured at 150 px, batch 32: 300 -> 485 images/s). Same batches, same updates.
 STORED_STEPS_PER_EXECUTION = 8
 
 
@@ -398,7 +398,7 @@ def _fit_phase(classifier: Classifier, data: Data, train: TrainParams, tracker: 
         val_data = data.make_images(data.val_files, data.val_labels, False, None)
         streams = seed_states(model, *data.random_states())
     # (re)compiled: `trainable` changed. Several steps a call only without a distribution
-    # strategy: under a multi-worker one, Keras's step loop fails to build (TF 2.20).
+    # strategy: under a multi-worker one, Keras 3.15's step loop fails to build (TF 2.21).
     compile_model(model, optimizer, train, STORED_STEPS_PER_EXECUTION
                   if stored is not None and not tf.distribute.has_strategy() else 1)
     if optimizer_arrays:
