@@ -257,13 +257,14 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         saved_model = tf.saved_model.load(str(staging / SAVED_MODEL))
-        runners = {f"tflite_{v}": tflite_runner(staging / tflite_name(v), f"tflite_{v}")
-                   for v in params.export.tflite}
-        probs, first = collect_probs(runners, files, size, resize, batch)
+        runners = {"saved_model": saved_model_runner(staging / SAVED_MODEL, saved_model)}
+        runners.update({f"tflite_{v}": tflite_runner(staging / tflite_name(v), f"tflite_{v}")
+                        for v in params.export.tflite})
+        probs, first = collect_probs({n: r for n, r in runners.items() if n != "saved_model"},
+                                     files, size, resize, batch)
         # The SavedModel's pixels signature is the Keras graph itself, exact or broken
         # everywhere: one batch checks it (its image-bytes signature, which decodes in
         # TensorFlow, is checked on every parity image below).
-        runners["saved_model"] = saved_model_runner(staging / SAVED_MODEL, saved_model)
         probs["saved_model"] = runners["saved_model"](first)
         sample = first[:8]
         formats: dict[str, dict] = {}
@@ -272,8 +273,8 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
         formats["keras"] = {"size_mb": round(paths.MODEL_FILE.stat().st_size / 1e6, 2),
                             **speed(keras_predict, sample, batch), "top1_agreement": 1.0,
                             "max_abs_diff": 0.0, "checked_images": len(files)}
-        for name in ["saved_model", *(n for n in runners if n != "saved_model")]:
-            runner, checked = runners[name], len(probs[name])
+        for name, runner in runners.items():
+            checked = len(probs[name])
             formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2),
                              **speed(runner, sample, batch),
                              **parity(reference[:checked], probs[name]),

@@ -19,8 +19,6 @@ import numpy as np
 from imgclf import io, paths
 from imgclf.errors import UserError
 
-BATCH = 32
-
 
 def _files_digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
@@ -30,15 +28,14 @@ def write(predict, files: list[str], image_size: int, resize: str, max_pixels: i
           weights_digest: str, path: Path = paths.KERAS_TEST_PROBS) -> np.ndarray:
     """`predict` (the Keras model's compiled call) over every test file, decoded as evaluate
     decodes them, written atomically to `path`; returns the probabilities."""
-    from imgclf.serving.batches import iter_batches
+    from imgclf.serving.batches import predict_files
+    from imgclf.serving.runners import CHUNK, LoadedModel
 
-    out = []
-    for _good, pixels, bad in iter_batches(files, image_size, resize, BATCH, max_pixels):
-        if bad:
-            raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
-                            "rerun the prepare stage")
-        out.append(predict(pixels))
-    probs = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    probs, _, bad = predict_files(LoadedModel(predict, [], image_size, resize, "keras",
+                                              max_pixels), files, CHUNK)
+    if bad:
+        raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
+                        "rerun the prepare stage")
     with io.replacing(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, probs=probs.astype(np.float32), files=_files_digest(files),
                  weights=weights_digest)
