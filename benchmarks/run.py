@@ -430,8 +430,8 @@ def bench_repro_and_export(work: Path, args) -> dict:
 
 # ------------------------------------------------------------------ the pipeline's cost
 
-STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "register", "evaluate",
-               "export")
+STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "package", "register",
+               "evaluate", "export")
 
 
 def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:

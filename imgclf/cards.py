@@ -5,6 +5,7 @@ as Markdown for the version's page in the MLflow UI (its description) and `imgcl
 from __future__ import annotations
 
 from imgclf.params import Params
+from imgclf.stage_reports import TrainReport
 
 # What the card shows of params: the settings that decide what the model is.
 CARD_PARAMS = ("model.image_size", "model.weights", "model.resize", "train.head_epochs",
@@ -25,10 +26,10 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def model_card(params: Params, data_version: str, prepare: dict, train: dict,
+def model_card(params: Params, data_version: str, prepare: dict, train: TrainReport,
                evaluation: dict | None = None, served_format: str | None = None) -> str:
-    """Markdown. `prepare`: reports/prepare.json; `train`: reports/train.json (or what train
-    knows before writing it); `evaluation`: reports/metrics.json once evaluate has run."""
+    """Markdown. `prepare`: reports/prepare.json; `evaluation`: reports/metrics.json once
+    evaluate has run."""
     flat = params.flat()
     sizes = prepare.get("split_sizes", {})
     lines = [f"# {params.mlflow.model_name}: InceptionResNetV2 image classifier", ""]
@@ -54,10 +55,10 @@ def model_card(params: Params, data_version: str, prepare: dict, train: dict,
                      f"{sum(1 for g in groups if g['label_conflict'])}")
     lines += ["", "## Training", "| param | value |", "|---|---|"]
     lines += [f"| `{key}` | {_yaml(flat[key])} |" for key in CARD_PARAMS if key in flat]
-    if "best_epoch" in train:
-        lines.append(f"\nBest epoch {train['best_epoch']} of {train.get('epochs_run', '?')} by "
-                     f"`{train.get('monitor', '?')}` = {_number(train.get('best_value'))}.")
-    calibration = train.get("calibration") or {}
+    if train.best_epoch is not None:
+        lines.append(f"\nBest epoch {train.best_epoch} of {train.epochs_run} by "
+                     f"`{train.monitor}` = {_number(train.best_value)}.")
+    calibration = train.calibration
     lines += ["", "## Calibration"]
     if calibration:
         lines.append(f"Temperature {calibration['temperature']:.3f}, fitted on the validation "

@@ -17,7 +17,6 @@ another base.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -27,15 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import io
+from imgclf.data.manifests import files_digest
 from imgclf.errors import UserError
 from imgclf.params import Params
 
 META = "meta.json"
 POOLED_DTYPE = "float32"
-
-
-def files_digest(files: list[str]) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -166,3 +166,9 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
         return 0.0
     gaps = (filled["accuracy"] - filled["confidence"]).abs()
     return float((filled["count"] * gaps).sum() / filled["count"].sum())
+
+
+def epoch_metrics(row: dict) -> dict[str, float]:
+    """The numbers of one training history row that are metrics (not timings, not NaN)."""
+    return {k: v for k, v in row.items()
+            if isinstance(v, float) and k not in ("epoch_seconds",) and v == v}

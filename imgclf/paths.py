@@ -18,12 +18,13 @@ AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
 FEATURES_DIR = Path("data/features")
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
-# The SavedModel register writes once: its TFLite serving copy is converted from it, and
-# export ships it.
+# The package stage's deployable files, written once: the SavedModel (what every TFLite copy
+# is converted from, and what export ships), the TFLite serving copy and the Keras model's
+# test-split probabilities, what evaluate and export compare every format with.
 SAVED_MODEL_DIR = MODELS_DIR / "saved_model"
-# The Keras model's test-split probabilities, computed once by register: what evaluate and
-# export compare the served and exported formats with (imgclf.model.reference).
+SERVING_COPY = MODELS_DIR / "model_dynamic.tflite"
 KERAS_TEST_PROBS = MODELS_DIR / "keras_test_probs.npz"
+PACKAGE_REPORT = REPORTS_DIR / "package.json"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
 RESUME_DIR = CHECKPOINTS_DIR / "last"
 # Written only when the tracking server went away: what `imgclf relog` still has to send.

@@ -1,6 +1,6 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
 
-Reads params export, model (image_size, resize), prepare.max_pixels, and what `register`
+Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
 wrote: its SavedModel and TFLite serving copy ship as they are, and its Keras test
 probabilities are what every format is checked against. Writes models/export/ and
 reports/export.json (logged to the training run), with the registered version's serving
@@ -11,39 +11,35 @@ from Keras (top-1, or a probability by >1e-4), or the image-bytes signature agre
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from imgclf import io, paths
-from imgclf.errors import UserError, exits_cleanly
+from imgclf.errors import exits_cleanly
 from imgclf.params import load_params
+from imgclf.stage_reports import PackageReport, RegisterReport
 
 
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    if not all(p.exists() for p in (paths.MODEL_FILE, paths.REGISTER_REPORT,
-                                    paths.SAVED_MODEL_DIR)):
-        raise UserError("no registered model: run `dvc repro register` first")
+    package, registered = PackageReport.read(), RegisterReport.read()
     import keras
 
     from imgclf.data.manifests import read_classes, read_manifest
-    from imgclf.model import reference
-    from imgclf.model.formats import export_all
+    from imgclf.export import reference
+    from imgclf.export.formats import export_all
     from imgclf.tracking import runs, store
-    from imgclf.tracking.deployment import registered_serving, registered_tflite
+    from imgclf.tracking.deployment import registered_serving
 
-    classes, registered = read_classes(), io.read_json(paths.REGISTER_REPORT)
+    classes = read_classes()
     files, _ = read_manifest("test", classes)
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        served = registered_tflite(registered, Path(tmp))
-        report = export_all(params, model, classes, files, paths.SAVED_MODEL_DIR,
-                            reference.read(files, registered["weights_digest"]),
-                            dict([served]) if served else None)
+    report = export_all(params, model, classes, files, paths.SAVED_MODEL_DIR,
+                        reference.read(files, package.weights_digest),
+                        {package.serving_variant: paths.SERVING_COPY})
     report["serving"] = registered_serving(registered, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)
-    runs.log_export(store.make_client(), registered["run_id"], paths.EXPORT_REPORT,
+    runs.log_export(store.make_client(), registered.run_id, paths.EXPORT_REPORT,
                     report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
           f"{report['speedup_vs_keras_predict']}x Keras predict at batch {report['batch_size']})")

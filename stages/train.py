@@ -24,24 +24,30 @@ def main() -> None:
     # First TensorFlow work of the process: a multi-worker strategy must come before any.
     strategy, role = make_strategy(params.train.strategy)
     weights = resolve_weights(params.model.weights)  # offline imagenet fails here, in seconds
+    from imgclf.data.manifests import data_version
     from imgclf.tracking import store
     from imgclf.tracking.publish import publish, read_pending
-    from imgclf.training.session import train_and_track
+    from imgclf.tracking.runs import TrainingRun
+    from imgclf.training.resume import fingerprint
+    from imgclf.training.session import NoRunLog, train
 
-    client = store.usable_client(params.mlflow.experiment) if role.is_chief else None
-    pending = read_pending(params) if role.is_chief else None
+    if not role.is_chief:  # only the chief records the run and writes the stage's outputs
+        train(params, weights, NoRunLog(), strategy, role)
+        return
+    client, fp = store.usable_client(params.mlflow.experiment), fingerprint(params.flat(),
+                                                                            data_version())
+    pending = read_pending(fp)
     if pending is not None:
         # This exact training already finished; only MLflow missed it (server lost).
         print(f"train: {paths.MODEL_FILE} is already trained for these params and data; "
               "sending MLflow what it missed instead of retraining")
-        report = publish(client, pending)
     else:
-        report = train_and_track(params, client, weights, strategy, role)
-    if not role.is_chief:
-        return
-    print(f"train: best epoch {report['best_epoch']} ({report['monitor']} "
-          f"{report['best_value']:.4f}); model {paths.MODEL_FILE}; MLflow run "
-          f"{report['run_id']}")
+        run = TrainingRun(client, params, fp)
+        train(params, weights, run, strategy, role)
+        pending = run.pending
+    report = publish(client, pending)
+    print(f"train: best epoch {report.best_epoch} ({report.monitor} "
+          f"{report.best_value:.4f}); model {paths.MODEL_FILE}; MLflow run {report.run_id}")
 
 
 if __name__ == "__main__":

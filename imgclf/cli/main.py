@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return exits_cleanly(getattr(registry, args.command))(args)
     if args.command == "relog":
-        from imgclf.tracking.publish import relog
+        from imgclf.cli import relog
 
-        exits_cleanly(relog)()
+        exits_cleanly(relog.main)()
     if args.command == "ui":
         from imgclf.cli import ui
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,20 @@ import pandas as pd
 
 from imgclf import io, paths
 from imgclf.errors import UserError
+
+
+def files_digest(files: list[str]) -> str:
+    """A short hash of a list of image paths: what a stored array was computed for."""
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+
+
+def data_version() -> str:
+    """A short hash of the prepared manifests and classes: same data, same version."""
+    digest = hashlib.sha256()
+    for path in [paths.manifest(s) for s in paths.SPLITS] + [paths.CLASSES_JSON]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()[:12]
 
 
 def read_classes(path: Path = paths.CLASSES_JSON) -> list[str]:

@@ -1,1 +1,1 @@
-"""The network: InceptionResNetV2 + head, augmentation layers, deployable formats."""
+"""The network: InceptionResNetV2 + head, its augmentation layers and calibration."""

@@ -18,6 +18,8 @@ import urllib.request
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from imgclf.stage_reports import RegisterReport
+
 IMAGES_PER_REQUEST = 32
 
 
@@ -106,41 +108,28 @@ def serve_figures(model_uri: str, tracking_uri: str, files: list[str], cwd: Path
     return {"cold_start_seconds": round(cold, 2), "images_per_s_batch32": round(per_s, 1)}
 
 
-def registered_tflite(registered: dict, folder: Path) -> tuple[str, Path] | None:
-    """(variant, path in `folder`) of the TFLite copy the registered version serves with, as
-    MLflow stores it; None when it serves Keras. Export ships this very file rather than
-    converting the model a second time (one conversion per format, ~15 s at 150 px)."""
-
-    from imgclf.serving.runners import tflite_name
-
-    variant = registered.get("serving_format", "keras").removeprefix("tflite_")
-    if variant == "keras":
-        return None
-    return variant, _logged_file(registered, f"artifacts/{tflite_name(variant)}", folder)
-
-
-def _logged_file(registered: dict, rel: str, folder: Path | None = None) -> Path:
+def _logged_file(registered: RegisterReport, rel: str) -> Path:
     """File `rel` of the registered version's logged model, as MLflow stores it (a copy in
-    `folder`, or in a temporary one)."""
+    a temporary folder)."""
     import mlflow
 
     from imgclf.tracking import store
 
-    model_id = registered["model_uri"].removeprefix("models:/")
+    model_id = registered.model_uri.removeprefix("models:/")
     location = store.make_client().get_logged_model(model_id).artifact_location
     store.use_fluent()
     return Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{location.rstrip('/')}/{rel}", dst_path=str(folder) if folder else None))
+        artifact_uri=f"{location.rstrip('/')}/{rel}"))
 
 
-def registered_serving(registered: dict, files: list[str], cwd: Path) -> dict:
+def registered_serving(registered: RegisterReport, files: list[str], cwd: Path) -> dict:
     """The serving figures of the registered version (reports/register.json), for
     reports/export.json."""
     from imgclf.tracking import store
 
     requirements = _logged_file(registered, "requirements.txt").read_text(
         encoding="utf-8").split()
-    version_uri = f"models:/{registered['registered_model']}/{registered['model_version']}"
+    version_uri = registered.version_uri
     return {"model": version_uri, "requirements": requirements,
             "environment_mb": environment_mb(requirements),
             **serve_figures(version_uri, store.tracking_uri(), files, cwd)}

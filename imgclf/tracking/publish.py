@@ -1,6 +1,6 @@
 """What a finished training sends MLflow: the epochs it missed, its artifacts, timings and
-calibration; then the run is FINISHED. (The model is logged and registered by the `register`
-stage: imgclf.tracking.registration.)
+calibration; then the run is FINISHED and reports/train.json names it. (The `register` stage
+logs and registers the model: imgclf.tracking.registration.)
 
 A tracking server that does not answer leaves models/mlflow_pending.json; `imgclf relog` (or
 the next `dvc repro`, which finds it) sends the rest, with nothing lost and nothing twice.
@@ -8,14 +8,31 @@ the next `dvc repro`, which finds it) sends the rest, with nothing lost and noth
 
 from __future__ import annotations
 
-import json
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
 
-from imgclf import io, paths
-from imgclf.errors import ServiceLost, UserError
-from imgclf.params import Params, load_params
+from imgclf import paths
+from imgclf.errors import ServiceLost
+from imgclf.stage_reports import StageReport, TrainReport
 from imgclf.tracking import store
 from imgclf.tracking.runs import EpochLog, first_line
 from imgclf.tracking.store import TRACKING_ERRORS
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending(StageReport):
+    """models/mlflow_pending.json: everything a finished training's run has yet to receive."""
+
+    PATH: ClassVar[Path] = paths.MLFLOW_PENDING
+    STAGE: ClassVar[str] = "train"
+
+    run_id: str
+    fingerprint: str              # training.resume.fingerprint of the params and data
+    first_unsent_epoch: int | None
+    history: list[dict]
+    timings: dict
+    outputs: dict                 # reports/train.json without the run id
 
 
 def _log_outputs(client, run_id: str, timings: dict, calibration: dict) -> None:
@@ -28,20 +45,19 @@ def _log_outputs(client, run_id: str, timings: dict, calibration: dict) -> None:
         client.log_metric(run_id, f"calibration_{key}", value)
 
 
-def publish(client, pending: dict) -> dict:
+def publish(client, pending: Pending) -> TrainReport:
     """Send MLflow what a finished training has on disk (`pending`), then write
     reports/train.json. A server that does not answer leaves models/mlflow_pending.json."""
-    run_id = pending["run_id"]
+    run_id = pending.run_id
     try:
-        if pending["first_unsent_epoch"] is not None:
-            EpochLog(client, run_id).send([r for r in pending["history"]
-                                           if r["epoch"] >= pending["first_unsent_epoch"]])
-            pending = {**pending, "first_unsent_epoch": None}
-        _log_outputs(client, run_id, pending["timings"],
-                     pending["outputs"].get("calibration") or {})
+        if pending.first_unsent_epoch is not None:
+            EpochLog(client, run_id).send([r for r in pending.history
+                                           if r["epoch"] >= pending.first_unsent_epoch])
+            pending = dataclasses.replace(pending, first_unsent_epoch=None)
+        _log_outputs(client, run_id, pending.timings, pending.outputs.get("calibration") or {})
         client.set_terminated(run_id, status="FINISHED")
     except TRACKING_ERRORS as err:
-        io.write_json(paths.MLFLOW_PENDING, pending)
+        pending.write()
         raise ServiceLost(
             f"MLflow tracking server {store.tracking_uri()} was lost ({first_line(err)}). "
             f"Training finished and nothing is lost: the model is in {paths.MODEL_FILE}, "
@@ -49,39 +65,16 @@ def publish(client, pending: dict) -> dict:
             f"MLflow run {run_id} still needs in {paths.MLFLOW_PENDING}. When the server is "
             "back, run `imgclf relog` (or `dvc repro`, which relogs instead of retraining)"
         ) from None
-    report = {"run_id": run_id, **pending["outputs"]}
-    io.write_json(paths.TRAIN_REPORT, report)
+    report = TrainReport(run_id=run_id, **pending.outputs)
+    report.write()
     paths.MLFLOW_PENDING.unlink(missing_ok=True)
     return report
 
 
-def read_pending(params: Params) -> dict | None:
-    """The pending MLflow logging of a finished training with these params and data."""
-    from imgclf.training import resume
-
+def read_pending(fingerprint: str) -> Pending | None:
+    """The pending MLflow logging of a finished training of this `fingerprint` (params and
+    data), or None."""
     if not paths.MLFLOW_PENDING.is_file() or not paths.MODEL_FILE.is_file():
         return None
-    pending = json.loads(paths.MLFLOW_PENDING.read_text(encoding="utf-8"))
-    if pending.get("fingerprint") != resume.fingerprint(params.flat(), store.data_version()):
-        return None
-    return pending
-
-
-def relog() -> dict:
-    """`imgclf relog`: send the MLflow run what a training kept on disk while its tracking
-    server was lost (models/mlflow_pending.json), with nothing lost and nothing sent twice."""
-    params = load_params()
-    if not paths.MLFLOW_PENDING.is_file():
-        raise UserError(f"nothing to relog: {paths.MLFLOW_PENDING} does not exist (every "
-                        "finished training here has reached MLflow)")
-    pending = read_pending(params)
-    if pending is None:
-        raise UserError(f"{paths.MLFLOW_PENDING} belongs to another training than params.yaml, "
-                        f"data/prepared and {paths.MODEL_FILE} now hold; restore them (git "
-                        "checkout, dvc checkout) and run `imgclf relog` again")
-    store.check_reachable()
-    report = publish(store.make_client(), pending)
-    print(f"relog: MLflow run {report['run_id']} complete. If the train stage ended with "
-          "this error under DVC, `dvc commit train` records it as done; `dvc repro` then "
-          "registers the model.")
-    return report
+    pending = Pending.read()
+    return pending if pending.fingerprint == fingerprint else None

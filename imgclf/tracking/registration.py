@@ -1,6 +1,6 @@
 """The `register` stage's work: the trained model logged to its training run as an MLflow
-pyfunc over image files (with the serving copy it computes with) and registered as a new
-version of `mlflow.model_name`.
+pyfunc over image files (with the package stage's serving copy when it computes with it)
+and registered as a new version of `mlflow.model_name`.
 
 Registration is its own stage so that a registration param, the serving code or the model
 card's wording re-registers the model without retraining it. It is idempotent: the logged
@@ -22,7 +22,9 @@ from pathlib import Path
 
 from imgclf import io, paths
 from imgclf.cards import model_card
+from imgclf.data.manifests import data_version
 from imgclf.params import Params
+from imgclf.stage_reports import PackageReport, RegisterReport, TrainReport
 from imgclf.tracking import store
 
 PACKAGE = Path(__file__).resolve().parents[1]  # imgclf/
@@ -86,24 +88,12 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def serving_artifacts(client, run_id: str, params: Params, keras_fn, saved_model: Path,
-                      folder: Path) -> tuple[dict, str]:
-    """(extra pyfunc artifacts, the format serving computes with) for mlflow.serving_format:
-    with `auto`, a dynamic-range TFLite copy (converted from the model's SavedModel) when it
-    agrees with Keras (`keras_fn`, the model's compiled call) on enough validation images
-    (top-1, logged as `serving_top1_agreement`)."""
-    if params.mlflow.serving_format == "keras":
-        return {}, "keras"
-    from imgclf.model.formats import SERVING_SAMPLE, SERVING_VARIANT, sample_pixels, serving_copy
-
-    pixels = sample_pixels(params, "val", SERVING_SAMPLE)
-    path, agreement = serving_copy(keras_fn, saved_model, pixels, folder)
-    if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
-        client.log_metric(run_id, "serving_top1_agreement", agreement)
-    fmt = f"tflite_{SERVING_VARIANT}" if path else "keras"
-    print(f"register: serving with {fmt} (the TFLite copy agrees with Keras on "
-          f"{agreement:.1%} of {len(pixels)} validation images)")
-    return ({"tflite_model": str(path)} if path else {}), fmt
+def serving_format(params: Params, package: PackageReport) -> str:
+    """What the registered model computes with (`mlflow.serving_format`): with `auto`, the
+    package stage's TFLite copy when it agrees with Keras on enough validation images."""
+    if params.mlflow.serving_format == "keras" or not package.serving_agrees:
+        return "keras"
+    return f"tflite_{package.serving_variant}"
 
 
 SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
@@ -166,7 +156,7 @@ def _logged_model(client, run_id: str, key: str):
     return next((m for m in found if m.status == LoggedModelStatus.READY), None)
 
 
-def _log_model(run_id: str, params: Params, key: str, folder: Path, extra: dict,
+def _log_model(run_id: str, params: Params, key: str, folder: Path,
                serving_format: str) -> str:
     """The pyfunc logged to the training run; its model URI (`models:/m-...`)."""
     import mlflow
@@ -178,6 +168,7 @@ def _log_model(run_id: str, params: Params, key: str, folder: Path, extra: dict,
                                   "max_pixels": params.prepare.max_pixels,
                                   "format": serving_format}))
     code = serving_code(folder / "code")
+    extra = {"tflite_model": str(paths.SERVING_COPY)} if serving_format != "keras" else {}
     store.use_fluent()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -194,40 +185,44 @@ def _log_model(run_id: str, params: Params, key: str, folder: Path, extra: dict,
     return info.model_uri
 
 
-def register(client, params: Params, train_report: dict, keras_fn, saved_model: Path) -> dict:
-    """Log and register the model train wrote (`keras_fn`, its compiled call; `saved_model`,
-    its SavedModel), or find the version a killed rerun already made; the version's model
-    card; returns what reports/register.json holds."""
+def register(client, params: Params, trained: TrainReport,
+             package: PackageReport) -> RegisterReport:
+    """Log and register the model train wrote, with the package stage's serving copy, or
+    find the version a killed rerun already made; the version's model card."""
     import mlflow
 
-    run_id, name = train_report["run_id"], params.mlflow.model_name
-    key = registration_key(params, train_report["weights_digest"])
+    run_id, name = trained.run_id, params.mlflow.model_name
+    key = registration_key(params, trained.weights_digest)
     version = _registered_version(client, name, run_id, key)
     if version is not None:
         # Its card stays as evaluate completed it.
         print(f"register: {name} version {version.version} already holds this model "
               "(same weights, serving params and code): reused, not registered again")
-        return _report(run_id, name, version, key)
+        return _report(run_id, name, version, key, trained.weights_digest)
+    if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
+        client.log_metric(run_id, "serving_top1_agreement", package.serving_top1_agreement)
     logged = _logged_model(client, run_id, key)
     if logged is None:
+        fmt = serving_format(params, package)
+        print(f"register: serving with {fmt} (the TFLite copy agrees with Keras on "
+              f"{package.serving_top1_agreement:.1%} of {package.serving_checked_images} "
+              "validation images)")
         with tempfile.TemporaryDirectory() as tmp:
-            extra, serving_format = serving_artifacts(client, run_id, params, keras_fn,
-                                                      saved_model, Path(tmp))
-            model_uri = _log_model(run_id, params, key, Path(tmp), extra, serving_format)
+            model_uri = _log_model(run_id, params, key, Path(tmp), fmt)
     else:  # logged by a register killed before it registered
-        model_uri, serving_format = f"models:/{logged.model_id}", logged.tags["serving_format"]
+        model_uri, fmt = f"models:/{logged.model_id}", logged.tags["serving_format"]
     io.fault_point("logged", "model")  # the kill tests: logged, not yet registered
     store.use_fluent()
-    version = mlflow.register_model(model_uri, name, tags={
-        KEY_TAG: key, "serving_format": serving_format})
+    version = mlflow.register_model(model_uri, name, tags={KEY_TAG: key, "serving_format": fmt})
     # The card without its test section until evaluate measures the served model.
-    card = model_card(params, store.data_version(), io.read_json(paths.PREPARE_REPORT),
-                      train_report)
+    card = model_card(params, data_version(), io.read_json(paths.PREPARE_REPORT), trained)
     client.update_model_version(name, str(version.version), description=card)
-    return _report(run_id, name, client.get_model_version(name, str(version.version)), key)
+    return _report(run_id, name, client.get_model_version(name, str(version.version)), key,
+                   trained.weights_digest)
 
 
-def _report(run_id: str, name: str, version, key: str) -> dict:
-    return {"run_id": run_id, "model_uri": version.source, "registered_model": name,
-            "model_version": int(version.version),
-            "serving_format": version.tags["serving_format"], "registration_key": key}
+def _report(run_id: str, name: str, version, key: str, weights_digest: str) -> RegisterReport:
+    return RegisterReport(run_id=run_id, model_uri=version.source, registered_model=name,
+                          model_version=int(version.version),
+                          serving_format=version.tags["serving_format"],
+                          registration_key=key, weights_digest=weights_digest)

@@ -17,7 +17,9 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from imgclf.metrics import epoch_metrics
 from imgclf.params import Params
+from imgclf.stage_reports import RegisterReport
 from imgclf.tracking import store
 from imgclf.tracking.store import TRACKING_ERRORS
 
@@ -27,12 +29,6 @@ MLFLOW_RUN_ID = "MLFLOW_RUN_ID"
 
 def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-
-
-def epoch_metrics(row: dict) -> dict[str, float]:
-    """The numbers of one history row that are metrics (not timings, not NaN)."""
-    return {k: v for k, v in row.items()
-            if isinstance(v, float) and k not in ("epoch_seconds",) and v == v}
 
 
 def _log_params(client, run_id: str, params: Params) -> None:
@@ -165,25 +161,61 @@ class EpochLog:
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
 
-def log_evaluation(client, train_report: dict, summary: dict, keras_summary: dict,
+class TrainingRun:
+    """The training's MLflow run as the training session records it (a
+    `training.session.RunLog` by its methods: tracking does not import training). Opened or
+    resumed, fed epoch by epoch, ended KILLED when training dies; once the model is saved,
+    what the run still has to receive goes to models/mlflow_pending.json for `publish`."""
+
+    def __init__(self, client, params: Params, fingerprint: str):
+        self.client, self.params, self.fingerprint = client, params, fingerprint
+        self.run_id: str | None = None
+        self.epochs: EpochLog | None = None
+        self.pending = None  # what `finished` wrote, for `publish`
+
+    def start(self, saved_run_id: str | None) -> bool:
+        self.run_id, resumed = start_or_resume(self.client, self.params, saved_run_id)
+        self.epochs = EpochLog(self.client, self.run_id)
+        return resumed
+
+    def send_missing(self, history: list[dict]) -> None:
+        self.epochs.send_missing(history)
+
+    def epoch(self, row: dict) -> None:
+        self.epochs(row)
+
+    def killed(self) -> None:
+        mark_killed(self.client, self.run_id)
+
+    def finished(self, history: list[dict], timings: dict, outputs: dict) -> None:
+        from imgclf.tracking.publish import Pending
+
+        # On disk before the first call that could fail: a server lost now (or a kill) costs
+        # a `relog`, never the training.
+        self.pending = Pending(run_id=self.run_id, fingerprint=self.fingerprint,
+                               first_unsent_epoch=self.epochs.first_unsent, history=history,
+                               timings=timings, outputs=outputs)
+        self.pending.write()
+
+
+def log_evaluation(client, registered: RegisterReport, summary: dict, keras_summary: dict,
                    served_format: str, artifacts: list[Path], card: str,
                    pictures: list[Path] = ()) -> None:
     """Test metrics of the served model as `test_*` on the training run and as tags on its
     model version (the promotion gate reads those); the Keras model's numbers beside them;
     the model card, now with its test section, as the version's description."""
-    run_id = train_report["run_id"]
+    run_id = registered.run_id
     for key, value in {**summary, **keras_summary}.items():
         client.log_metric(run_id, f"test_{key}", float(value))
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
     for path in pictures:  # the training curves and augmentation preview, at the run's root
         client.log_artifact(run_id, str(path))
-    name, version = train_report.get("registered_model"), train_report.get("model_version")
-    if name and version:
-        for key, value in summary.items():
-            client.set_model_version_tag(name, str(version), f"test_{key}", str(value))
-        client.set_model_version_tag(name, str(version), "test_served_format", served_format)
-        client.update_model_version(name, str(version), description=card)
+    name, version = registered.registered_model, str(registered.model_version)
+    for key, value in summary.items():
+        client.set_model_version_tag(name, version, f"test_{key}", str(value))
+    client.set_model_version_tag(name, version, "test_served_format", served_format)
+    client.update_model_version(name, version, description=card)
 
 
 def log_export(client, run_id: str, report_path: Path, formats: dict[str, dict]) -> None:

@@ -10,7 +10,6 @@ that is the embedded store itself, and is treated as such. "Project root" is
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from datetime import datetime
@@ -19,9 +18,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from imgclf import paths
+from imgclf.data.manifests import data_version
 from imgclf.errors import UserError
-from imgclf.paths import SPLITS
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -143,15 +141,6 @@ def git_state() -> tuple[str | None, bool | None]:
     return commit, bool(status)
 
 
-def data_version() -> str:
-    """A short hash of the prepared manifests and classes: same data, same version."""
-    digest = hashlib.sha256()
-    for path in [paths.manifest(s) for s in SPLITS] + [paths.CLASSES_JSON]:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes() if path.is_file() else b"")
-    return digest.hexdigest()[:12]
-
-
 def run_name(commit: str | None) -> str:
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
@@ -160,8 +149,12 @@ def run_name(commit: str | None) -> str:
     return f"{stamp}-{commit[:7]}" if commit else stamp
 
 
-def run_tags(commit: str | None, dirty: bool | None) -> dict[str, str]:
-    tags = {"data_version": data_version()}
+def run_tags(commit: str | None, dirty: bool | None,
+             source: str = "stages/train.py") -> dict[str, str]:
+    # mlflow.source.*: what the runs table's Source column shows (the stage script that made
+    # the run); with the git commit beside it, the run names the code that made it.
+    tags = {"data_version": data_version(), "mlflow.source.name": source,
+            "mlflow.source.type": "LOCAL"}
     if commit:
         tags.update({"git_commit": commit, "git_dirty": str(dirty).lower(),
                      "mlflow.source.git.commit": commit})

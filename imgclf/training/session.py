@@ -1,9 +1,11 @@
-"""One training session from start to model file: data, network, both phases (resuming
-where a killed run stopped), calibration, the model file and the reports; MLflow through
-`imgclf.tracking` (the `register` stage logs and registers the model).
+"""One training session from the prepared data to the model file, as the Keras
+transfer-learning guide runs it: build, fit the head on the frozen base, unfreeze the top and
+recompile, fit again, calibrate, save.
 
-Under a multi-worker strategy every worker calls `train_and_track`; only the chief
-(`role.is_chief`) gets a tracking client, writes the stage's outputs and logs.
+What is not training is passed in: the `RunLog` that records the run (the stage gives it
+MLflow's, `imgclf.tracking.training_run`; a worker and a test give `NoRunLog`), the
+distribution strategy and this process's role in it. Resume state, written after every
+epoch, lets a killed run continue where it stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,33 @@ from pathlib import Path
 from imgclf import io, paths
 from imgclf.errors import UserError
 from imgclf.params import Params
+
+
+class RunLog:
+    """What records a training run, and the default that records nothing. `start` names the
+    run (continuing `saved_run_id` when the resume state has one) and says whether it is the
+    one resumed; `epoch` sees each finished epoch; `finished` gets everything the run has to
+    receive once the model is saved, before the checkpoints are dropped."""
+
+    run_id: str | None = None
+
+    def start(self, saved_run_id: str | None) -> bool:
+        return True  # nothing recorded, nothing to reconcile: a saved state always resumes
+
+    def send_missing(self, history: list[dict]) -> None:
+        """On resume: the epochs the resume state holds that the record lacks."""
+
+    def epoch(self, row: dict) -> None:
+        """One finished epoch's row."""
+
+    def killed(self) -> None:
+        """Training died."""
+
+    def finished(self, history: list[dict], timings: dict, outputs: dict) -> None:
+        """The model is saved."""
+
+
+NoRunLog = RunLog
 
 
 def keras_setup(params: Params) -> None:
@@ -138,7 +167,7 @@ def write_reports(params: Params, state, timings: dict) -> dict:
     are drawn by evaluate: a change to how they look must not retrain.)"""
     import pandas as pd
 
-    from imgclf.tracking.runs import epoch_metrics
+    from imgclf.metrics import epoch_metrics
 
     io.write_csv(paths.TRAIN_HISTORY, pd.DataFrame(state.history))
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
@@ -152,9 +181,10 @@ def write_reports(params: Params, state, timings: dict) -> dict:
             "epoch_seconds": [r["epoch_seconds"] for r in state.history], **timings}
 
 
-def train_and_track(params: Params, client, weights: str | None, strategy=None,
-                    role=None) -> dict:
-    """Build, train both phases (resuming if possible), write outputs, log to MLflow."""
+def train(params: Params, weights: str | None, run_log: RunLog | None = None,
+          strategy=None, role=None) -> dict:
+    """Build, train both phases (resuming if possible), calibrate and save; returns what
+    reports/train.json holds besides the run's id."""
     import tensorflow as tf
 
     from imgclf.training.distribute import Role
@@ -163,7 +193,7 @@ def train_and_track(params: Params, client, weights: str | None, strategy=None,
     role = role or Role("none")
     with contextlib.ExitStack() as strategy_scope:
         strategy_scope.enter_context(strategy.scope())
-        return _train(params, client, weights, role, strategy_scope)
+        return _train(params, run_log or NoRunLog(), weights, role, strategy_scope)
 
 
 def resume_saver(classifier, resume_dir: Path, fp: str, run_id: str | None):
@@ -232,11 +262,10 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
     finish(classifier, tracker)
 
 
-def _train(params: Params, client, weights: str | None, role, strategy_scope) -> dict:
-    from imgclf.data.manifests import read_classes
-    from imgclf.model.network import build_classifier
-    from imgclf.tracking import runs, store
-    from imgclf.tracking.publish import publish
+def _train(params: Params, run_log: RunLog, weights: str | None, role,
+           strategy_scope) -> dict:
+    from imgclf.data.manifests import data_version, read_classes
+    from imgclf.model.network import build_classifier, weights_digest
     from imgclf.training import resume
     from imgclf.training.phases import Tracker, TrackerState
 
@@ -248,55 +277,47 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
         from imgclf import features
 
         data.features = features.read(paths.FEATURES_DIR, params, data, classifier)
-    # What this run's training cost beyond its epochs, logged with it: the features stage's
-    # forward pass, which experiments on training params share.
+    # What this run's training cost beyond its epochs: the features stage's forward pass,
+    # which experiments on training params share.
     timings = {"features_stage_seconds": data.features.meta["seconds"]} if data.features else {}
-    fp = resume.fingerprint(params.flat(), store.data_version())
+
+    fp = resume.fingerprint(params.flat(), data_version())
     checkpoints = paths.CHECKPOINTS_DIR if role.is_chief else worker_dir(role, fp)
     resume_dir = checkpoints / paths.RESUME_DIR.name
     saved = _load_saved(classifier, resume_dir, fp, params.train.resume)
-    if role.is_chief:
-        run_id, resumed = runs.start_or_resume(client, params, saved and saved.run_id)
-    else:
-        run_id, resumed = None, saved is not None
+    resumed = run_log.start(saved.run_id if saved else None)
     saved = saved if resumed else None
     state = saved.state if saved else TrackerState()
-    log_epoch = runs.EpochLog(client, run_id)
     if saved:
-        print(f"train: resuming MLflow run {run_id} after epoch {state.epochs_done} "
+        print(f"train: resuming run {run_log.run_id} after epoch {state.epochs_done} "
               f"({state.phase} phase)")
-        if role.is_chief:
-            log_epoch.send_missing(state.history)
+        run_log.send_missing(state.history)
     checkpoints.mkdir(parents=True, exist_ok=True)
 
-    save_resume_state = resume_saver(classifier, resume_dir, fp, run_id)
-
     def log(row, tracker):
-        log_epoch(row, tracker)
+        run_log.epoch(row)
         io.fault_point("logged", row["epoch"])
 
     # Saved first, then logged: a kill between the two leaves an epoch that the resumed run
     # sends (`send_missing`); logged first, the resumed run would train and log it again.
-    hooks = [save_resume_state, log] if role.is_chief else [save_resume_state]
     tracker = Tracker(classifier, state, params.train.monitor,
-                      params.train.early_stopping_patience,
-                      checkpoints, hooks=hooks)
+                      params.train.early_stopping_patience, checkpoints,
+                      hooks=[resume_saver(classifier, resume_dir, fp, run_log.run_id),
+                             *([log] if role.is_chief else [])])
     try:
-        _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_id)
+        _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_log.run_id)
     except BaseException:
-        if role.is_chief:
-            runs.mark_killed(client, run_id)
+        run_log.killed()
         raise
     # Saving and calibration run outside the strategy: under a multi-worker one, a
     # variable created now would wait forever for workers that have already finished.
     strategy_scope.close()
-    from imgclf.model.network import weights_digest
-
     digest = weights_digest(classifier.model)
     print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
     if not role.is_chief:
         shutil.rmtree(checkpoints, ignore_errors=True)
         return {"weights_digest": digest, "worker": role.index}
+
     classifier = shipped_copy(classifier, params, len(classes))
     calibration = calibrate(classifier, data, params) if params.train.calibrate else {}
     with io.replacing(paths.MODEL_FILE) as tmp:
@@ -308,11 +329,8 @@ def _train(params: Params, client, weights: str | None, role, strategy_scope) ->
                    weights_digest=weights_digest(classifier.model),
                    trained_weights_digest=digest,
                    temperature=calibration.get("temperature", 1.0), calibration=calibration)
-    # Everything MLflow still has to receive, on disk before the first call that could fail:
-    # a server lost now (or a kill) costs a `relog`, never the training.
-    pending = {"run_id": run_id, "fingerprint": fp, "first_unsent_epoch": log_epoch.first_unsent,
-               "history": state.history, "timings": timings, "outputs": outputs}
-    io.write_json(paths.MLFLOW_PENDING, pending)
-    # The model is saved: the checkpoints (resume state, best weights) have served.
+    # Before the checkpoints go: a kill from here on costs the record a `relog`, never the
+    # training.
+    run_log.finished(state.history, timings, outputs)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return publish(client, pending)
+    return outputs

@@ -43,7 +43,7 @@ def test_the_savedmodel_decoder_resizes_as_the_pipeline_does(mode):
     # give the pipeline's pixels (up to resampling round-off), or served answers drift.
     import tensorflow as tf
 
-    from imgclf.model.formats import _tf_fit_to_square
+    from imgclf.export.formats import _tf_fit_to_square
 
     data = encode(photo(120, 64, seed=5))
     expected = load_pixels(data, 75, mode).astype(np.float32)
@@ -57,7 +57,7 @@ def test_the_savedmodel_decoder_resizes_as_the_pipeline_does(mode):
 def test_the_savedmodel_decoder_composites_transparency_on_white(mode):
     import tensorflow as tf
 
-    from imgclf.model.formats import _tf_decode_rgb, _tf_fit_to_square
+    from imgclf.export.formats import _tf_decode_rgb, _tf_fit_to_square
 
     rgba = np.asarray(photo(64, 64, seed=9).convert("RGBA")).copy()
     rgba[:32, :, 3] = 0       # top half fully transparent: white, as Pillow shows it

@@ -354,8 +354,8 @@ def test_unreachable_tracking_server_fails_before_training(tiny_project):
 
 
 def test_corrupt_resume_checkpoint_restarts_cleanly_with_a_warning(tiny_project):
+    from imgclf.data.manifests import data_version
     from imgclf.params import load_params
-    from imgclf.tracking.store import data_version
     from imgclf.training import resume
 
     # Also: a model trained in mixed precision ships in float32.

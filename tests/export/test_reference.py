@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from imgclf.errors import UserError
-from imgclf.model import reference
+from imgclf.export import reference
 
 
 def test_stored_keras_probabilities_are_refused_for_another_model_or_test_split(tmp_path):

@@ -18,7 +18,7 @@ def _short(path: str, width: int = 28) -> str:
 def served_and_keras(served, files: list[str], labels: np.ndarray, classes: list[str],
                      params, stored_keras: np.ndarray) -> tuple[np.ndarray, dict, str]:
     """(the served model's test probabilities, the Keras model's numbers beside them, the
-    served format). The Keras model's are `stored_keras` (register ran it over the test
+    served format). The Keras model's are `stored_keras` (package ran it over the test
     split); with evaluate.tta they are computed here, over each image and its mirror."""
     from tqdm import tqdm
 

@@ -1,27 +1,22 @@
 """The Keras model's own probabilities on the test split, computed once.
 
-`register` has the model loaded and its forward pass traced (for the serving copy's check on
+`package` has the model loaded and its forward pass traced (for the serving copy's check on
 validation images), so it runs the test split through it once and writes
 models/keras_test_probs.npz. `evaluate` reports the served model's numbers beside these, and
 `export` checks every format against them: neither stage loads the Keras model to run the
-same forward pass again (at 299 px on a CPU, each such pass is ~0.15 of the pipeline's
-whole forward pass). The file names the model (its weights digest) and the test files it
+same forward pass again. The file names the model (its weights digest) and the test files it
 was computed for, and a reader refuses it for any other.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from imgclf import io, paths
+from imgclf.data.manifests import files_digest
 from imgclf.errors import UserError
-
-
-def _files_digest(files: list[str]) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
 def write(predict, files: list[str], image_size: int, resize: str, max_pixels: int,
@@ -37,7 +32,7 @@ def write(predict, files: list[str], image_size: int, resize: str, max_pixels: i
         raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
                         "rerun the prepare stage")
     with io.replacing(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, probs=probs.astype(np.float32), files=_files_digest(files),
+        np.savez(handle, probs=probs.astype(np.float32), files=files_digest(files),
                  weights=weights_digest)
     return probs
 
@@ -47,10 +42,10 @@ def read(files: list[str], weights_digest: str, path: Path = paths.KERAS_TEST_PR
     """The stored probabilities, one row per file of `files`; UserError when they were
     computed for another model or other test files."""
     if not path.is_file():
-        raise UserError(f"{path} not found: run the register stage (dvc repro register)")
+        raise UserError(f"{path} not found: run the package stage (dvc repro package)")
     with np.load(path) as stored:
         if (str(stored["weights"]) != weights_digest
-                or str(stored["files"]) != _files_digest(files)):
+                or str(stored["files"]) != files_digest(files)):
             raise UserError(f"{path} was computed for another model or test split: run the "
-                            "register stage again (dvc repro register)")
+                            "package stage again (dvc repro package)")
         return stored["probs"]

@@ -63,8 +63,8 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     assert int8.shape == lite(pixels).shape and np.allclose(int8.sum(1), 1, atol=1e-2)
     assert np.abs(int8 - keras_model.predict(pixels)).max() < 0.1
 
-    # One conversion per format: when the registered version serves the dynamic-range copy,
-    # export ships that very file.
+    # One conversion per format: the package stage's dynamic-range copy is the file export
+    # ships and, when it serves, the one the registered version carries.
     registered = json.loads((trained_project / "reports/register.json").read_text())
     if registered["serving_format"] == "tflite_dynamic":
         from mlflow.tracking import MlflowClient
@@ -73,8 +73,9 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
         logged = MlflowClient(uri, uri).get_logged_model(
             registered["model_uri"].removeprefix("models:/"))
         served = Path(logged.artifact_location.removeprefix("file://"))
-        assert (export / "model_dynamic.tflite").read_bytes() == \
-            (served / "artifacts/model_dynamic.tflite").read_bytes()
+        packaged = (trained_project / "models/model_dynamic.tflite").read_bytes()
+        assert (export / "model_dynamic.tflite").read_bytes() == packaged
+        assert (served / "artifacts/model_dynamic.tflite").read_bytes() == packaged
 
     # What serving the registered version costs, measured through a real server.
     serving = report["serving"]

@@ -176,21 +176,21 @@ def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict
             "images_per_s": round(rounds * batch_size / elapsed, 2)}
 
 
-SERVING_VARIANT = "dynamic"  # the serving copy: 4-6x Keras on CPU, weights int8 (exporting)
+SERVING_VARIANT = "dynamic"  # the serving copy: int8 weights, float activations
 SERVING_SAMPLE = 256  # validation images the serving copy is checked on: +-1 point at 98%
 
 
-def serving_copy(keras_fn, saved_model: Path, pixels: np.ndarray,
-                 folder: Path) -> tuple[Path | None, float]:
-    """(the TFLite file to serve with, converted from the model's SavedModel into `folder`,
-    or None to serve Keras; its top-1 agreement with Keras, `keras_fn`, on `pixels`). The
-    quantised copy serves only when it keeps QUANTISED_MIN_AGREEMENT."""
-    path = folder / tflite_name(SERVING_VARIANT)
+def serving_copy(params: Params, keras_fn, saved_model: Path, path: Path) -> tuple[float, int]:
+    """The dynamic-range TFLite copy of the model's SavedModel, converted into `path`; its
+    decided top-1 agreement with Keras (`keras_fn`) on up to SERVING_SAMPLE validation
+    images, and how many were checked. It may serve when the agreement reaches
+    QUANTISED_MIN_AGREEMENT."""
     write_tflite(saved_model, {SERVING_VARIANT: path})
+    pixels = sample_pixels(params, "val", SERVING_SAMPLE)
     lite = tflite_runner(path, f"tflite_{SERVING_VARIANT}")
     agreement = parity(in_chunks(keras_fn, pixels),
                        in_chunks(lite, pixels))["decided_top1_agreement"]
-    return (path if agreement >= QUANTISED_MIN_AGREEMENT else None), agreement
+    return agreement, len(pixels)
 
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,

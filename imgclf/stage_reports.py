@@ -1,0 +1,97 @@
+"""What one stage hands the next: one typed definition per file, read and written through it.
+
+Every writer builds the dataclass and calls `write`; every reader calls `read`, which says
+which stage to run when the file is missing or was written by another version of the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+from imgclf import io, paths
+from imgclf.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class StageReport:
+    PATH: ClassVar[Path]
+    STAGE: ClassVar[str]  # the stage (or command) that writes it
+
+    @classmethod
+    def read(cls, path: Path | None = None):
+        path = path or cls.PATH
+        if not path.is_file():
+            raise UserError(f"{path} not found: run the {cls.STAGE} stage first "
+                            f"(dvc repro {cls.STAGE})")
+        raw = io.read_json(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in raw and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing or not names >= raw.keys():
+            raise UserError(f"{path} was written by another version of imgclf (keys "
+                            f"{sorted(set(missing) | (raw.keys() - names))}): run the "
+                            f"{cls.STAGE} stage again (dvc repro {cls.STAGE})")
+        return cls(**raw)
+
+    def write(self, path: Path | None = None) -> None:
+        io.write_json(path or self.PATH, dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainReport(StageReport):
+    """reports/train.json: the training run and the model file it wrote."""
+
+    PATH: ClassVar[Path] = paths.TRAIN_REPORT
+    STAGE: ClassVar[str] = "train"
+
+    run_id: str
+    best_epoch: int | None
+    monitor: str
+    best_value: float | None
+    epochs_run: int
+    head_epochs_run: int
+    epoch_seconds: list[float]
+    strategy: str
+    workers: int
+    weights_digest: str           # of models/model.keras (calibrated)
+    trained_weights_digest: str   # before calibration: what every worker prints
+    temperature: float
+    calibration: dict             # temperature and validation log loss before/after; {} if off
+    features_stage_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageReport(StageReport):
+    """reports/package.json: the deployable files made from models/model.keras."""
+
+    PATH: ClassVar[Path] = paths.PACKAGE_REPORT
+    STAGE: ClassVar[str] = "package"
+
+    weights_digest: str           # of the model they were made from
+    serving_variant: str          # the TFLite serving copy's variant (paths.SERVING_COPY)
+    serving_top1_agreement: float  # its decided top-1 agreement with Keras on validation
+    serving_checked_images: int   # how many validation images that was counted on
+    serving_agrees: bool          # the agreement reaches the gate: it may serve
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterReport(StageReport):
+    """reports/register.json: the registered version of the packaged model."""
+
+    PATH: ClassVar[Path] = paths.REGISTER_REPORT
+    STAGE: ClassVar[str] = "register"
+
+    run_id: str
+    model_uri: str                # models:/m-...
+    registered_model: str
+    model_version: int
+    serving_format: str
+    registration_key: str
+    weights_digest: str
+
+    @property
+    def version_uri(self) -> str:
+        return f"models:/{self.registered_model}/{self.model_version}"
