@@ -765,6 +765,26 @@ BENCHES = {
 }
 
 
+# The instruction sets that decide which format and precision are fastest, as /proc/cpuinfo
+# names them.
+INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
+def machine() -> dict:
+    """What the figures were measured on, and when: docs/performance.md prints it once."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu_model": model, "cpus": os.cpu_count(),
+            "instruction_sets": [f for f in INSTRUCTION_SETS if f in flags],
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "commit": commit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these")
@@ -791,8 +811,7 @@ def main() -> None:
     output = Path(args.output)
     # --only refreshes some measurements and keeps the others from the last run.
     results: dict = json.loads(output.read_text()) if args.only and output.is_file() else {}
-    results["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor()
-                          or platform.machine(), "python": platform.python_version()}
+    results["machine"] = machine()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or BENCHES:
             start = time.perf_counter()

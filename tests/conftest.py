@@ -183,6 +183,10 @@ def _isolated_mlflow_env():
     os.environ.update(saved)
 
 
+# Fixtures that run pipeline stages: a test using one is not a fast unit test.
+PROJECT_FIXTURES = {"trained_project", "tiny_project", "prepared_project", "dvc_repo"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
 def pytest_collection_modifyitems(config, items):
     """`make test` runs on pytest-xdist workers (`--dist loadgroup`). Every test that reads
@@ -192,6 +196,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "trained_project" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("trained_project"))
+        if PROJECT_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.project)  # not in the fast tier (`make test-fast`)
 
     def rank(item) -> int:
         if "trained_project" in item.fixturenames:

@@ -149,8 +149,8 @@ def inspect_all(
         records, skipped = _partition(results)
     else:
         if perceptual_hashes:
-            # Imported once here, before the workers fork, not once in each of them (0.2 s
-            # apiece: imagehash's DCT is scipy's). The grouping afterwards needs scipy anyway.
+            # Imported once here, before the workers fork, not once in each of them
+            # (imagehash's DCT is scipy's, a slow import). The grouping needs scipy anyway.
             import imagehash  # noqa: F401
             import scipy.fftpack  # noqa: F401
             import scipy.sparse.csgraph  # noqa: F401

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # We enforce our own limit (prepare.max_pixels) before decoding; Pillow's own bomb check
 # would raise at a different, hidden threshold.
 Image.MAX_IMAGE_PIXELS = None
-# The default of prepare.max_pixels: a 64 Mpx photo decodes to ~200 MB of RGB.
+# The default of prepare.max_pixels: 64 Mpx of RGB is 3 bytes a pixel in memory, decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -119,7 +119,7 @@ def _decode_opened(img: Image.Image, rgb: bool = True) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
-            # In place: the image is ours, and a copy of every photo costs ~5% of its decode.
+            # In place: the image is ours, and a copy of every photo is work for nothing.
             img = ImageOps.exif_transpose(img, in_place=True) or img
             return _to_rgb(img) if rgb else img
     except ImageRejected:
@@ -141,9 +141,9 @@ def inspect_and_decode(path: Path, max_pixels: int, min_side: int,
     `prepare` decodes a file to prove that it decodes (training decodes it again, at the
     model's size). A colour JPEG decoded to greyscale still has every coefficient of every
     channel read (a truncated or corrupt file fails just as in colour) but skips the colour
-    channels' inverse DCT and the colour conversion: 35% less time per 500x375 photo, which
-    pays for the hash (`make bench`, prepare). JPEG's luma is the grey of RGB->L, so the
-    hash stays that of the colour image (within 2 bits, 0.1 on average, measured)."""
+    channels' inverse DCT and the colour conversion, which pays for the hash (`make bench`:
+    prepare_near_duplicate_gate_slowdown). JPEG's luma is the grey of RGB->L, so the hash
+    stays that of the colour image, within a bit or two."""
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -8,7 +8,7 @@
   weights; the default: what the registered version serves with), `model_float32.tflite`,
   `model_float16.tflite`, `model_int8.tflite`; all take float pixels 0-255.
 - `labels.txt` (one class per line, model output order) and `export.json` (input size,
-  resize mode, measured agreement, the format `imgclf predict` uses).
+  resize mode, each format's agreement with Keras, the format `imgclf predict` uses).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ FLOAT_TOLERANCE = 1e-4
 # The image-bytes signature decodes in TensorFlow, not Pillow: resampling round-off may move a
 # close call, nothing more. Agreement here, and a quantised format's, is counted over the
 # images that are no close call for Keras (`metrics.decided`): on a random-init model every
-# answer is a near-tie, and counting them failed the stage (96.5% at 150 px) and served Keras.
+# answer is a near-tie, and counting them would fail the stage and serve Keras.
 BYTES_MIN_AGREEMENT = 0.99
 
 
@@ -104,7 +104,7 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     def serve_bytes(image_bytes):
         pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
         # The pixels signature's own traced function: the 54M-weight graph is traced and
-        # stored once for both signatures (~2 s less to write, ~1 s less to load at 150 px).
+        # stored once for both signatures, not twice (faster to write and to load).
         probs = predict_pixels(pixels)["probabilities"]
         top = tf.argmax(probs, axis=-1)
         return {"probabilities": probs, "class_name": tf.gather(class_names, top),
@@ -123,7 +123,7 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
 def write_tflite(saved_model: Path, variants: dict[str, Path],
                  calibration: np.ndarray | None = None) -> None:
     """Each TFLite variant ({variant: path}) from one converter: making a converter loads the
-    SavedModel (~7 s for InceptionResNetV2); the files are byte-identical to fresh ones'.
+    whole SavedModel, once; the files are byte-identical to fresh converters'.
     `calibration`: float pixels of training images, for `int8` (full-integer weights and
     activations; float pixels in and probabilities out, so every runner feeds it alike)."""
     import tensorflow as tf

@@ -85,6 +85,11 @@ class Classifier:
     head_layers: list[keras.layers.Layer]
     _head: keras.Model | None = None
 
+    @property
+    def pool(self) -> keras.layers.Layer:
+        """The head's pooling layer: base activations -> pooled features."""
+        return self.model.get_layer("head_pool")
+
     def head(self) -> keras.Model:
         """The head alone (one model, built once): what phase 1 changes, and so all that its
         checkpoints need to hold (kilobytes, not the base's 54M weights)."""

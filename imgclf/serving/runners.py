@@ -78,7 +78,8 @@ def keras_predictor(model, tta: bool = False) -> Predictor:
     """Batch -> probabilities; with tta, the mean over the image and its horizontal flip."""
     import tensorflow as tf
 
-    # A compiled call of the model: measured 1.6x Keras's predict() at batch 32 on a CPU.
+    # A compiled call of the model: predict()'s per-call machinery is most of a small
+    # batch's cost on a CPU.
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -94,7 +95,7 @@ def _dir_size(path: Path) -> int:
 
 
 def saved_model_runner(path: Path, loaded=None) -> Runner:
-    """`loaded`: the SavedModel at `path` if already loaded (a load takes ~7 s)."""
+    """`loaded`: the SavedModel at `path` if already loaded (a load restores every weight)."""
     import tensorflow as tf
 
     if loaded is None:

@@ -67,7 +67,7 @@ def requirements(serving_format: str) -> list[str]:
     runs on LiteRT and needs no TensorFlow; a Keras-served one declares `tensorflow`, which
     installs on any machine (CPU or CUDA) where `tensorflow-cpu` would not on a GPU one."""
     # mlflow-skinny: the pyfunc loader and the scoring server (FastAPI, uvicorn), without the
-    # tracking server, UI and ML libraries of `mlflow` (258 MB of environment, not 686 MB).
+    # tracking server, UI and ML libraries of `mlflow` (`make bench`: served_environment_mb).
     pins = [_pin(name) for name in ("mlflow-skinny", "numpy", "pandas", "pillow")]
     if serving_format.startswith("tflite"):
         return [*pins, _pin("ai-edge-litert")]

@@ -173,6 +173,10 @@ class TrainingRun:
         self.epochs: EpochLog | None = None
         self.pending = None  # what `finished` wrote, for `publish`
 
+    @property
+    def label(self) -> str:
+        return f"MLflow run {self.run_id}"
+
     def start(self, saved_run_id: str | None) -> bool:
         self.run_id, resumed = start_or_resume(self.client, self.params, saved_run_id)
         self.epochs = EpochLog(self.client, self.run_id)

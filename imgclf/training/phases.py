@@ -65,8 +65,8 @@ def make_optimizer(train: TrainParams, lr) -> keras.optimizers.Optimizer:
 
 
 # Steps run per call into the compiled graph when training on stored arrays: their steps are
-# small (the top block, or the head alone), and Python's round trip per step was a third of
-# each (measured at 150 px, batch 32: 300 -> 485 images/s). Same batches, same updates.
+# small (the top block, or the head alone), so Python's round trip per step is a large part
+# of each. Same batches, same updates.
 STORED_STEPS_PER_EXECUTION = 8
 
 
@@ -173,7 +173,7 @@ class TrackerState:
     plateau: dict | None = None
 
 
-def changing(phase: str) -> str:
+def checkpoint_scope(phase: str) -> str:
     """What a phase's epochs change: the head alone in phase 1 (the base is frozen); in
     phase 2 the head and the unfrozen top of the base (BatchNorm stays frozen). Checkpoints
     hold that and no more."""
@@ -184,8 +184,9 @@ class ChangingWeights:
     """Checkpoint of phase 2: the model's trainable weights (the head and the unfrozen top:
     5.2M of InceptionResNetV2's 54M weights with `unfreeze: block8_9_ac`), keyed by their
     place in `model.weights`, so a rebuilt model loads them whatever names Keras gave its
-    layers in that process. Writing all 54M weights cost ~1.5 s an epoch (cProfile of train
-    at 150 px); everything else is what the model was built with."""
+    layers in that process. Writing all 54M weights every epoch would cost more than a
+    fine-tune epoch on stored activations; everything else is what the model was built
+    with."""
 
     def __init__(self, model: keras.Model):
         self.model = model
@@ -212,7 +213,7 @@ class ChangingWeights:
                 variable.assign(value)
 
 
-def holding(classifier: Classifier, scope: str) -> keras.Model | ChangingWeights:
+def checkpoint_of(classifier: Classifier, scope: str) -> keras.Model | ChangingWeights:
     """What saves and loads a checkpoint of `scope` (head | top | full)."""
     if scope == "head":
         return classifier.head()
@@ -222,7 +223,7 @@ def holding(classifier: Classifier, scope: str) -> keras.Model | ChangingWeights
 def load_best(classifier: Classifier, tracker: Tracker) -> None:
     path = tracker.best_path
     if path is not None and path.is_file():
-        holding(classifier, tracker.state.best_scope).load_weights(path)
+        checkpoint_of(classifier, tracker.state.best_scope).load_weights(path)
 
 
 class Tracker(keras.callbacks.Callback):
@@ -257,7 +258,7 @@ class Tracker(keras.callbacks.Callback):
         a kill before the resume state records the epoch leaves the file the state names
         untouched (the resumed run loads that one)."""
         with io.replacing(self.best_file(epoch, scope)) as tmp:
-            holding(self.classifier, scope).save_weights(tmp)
+            checkpoint_of(self.classifier, scope).save_weights(tmp)
         self.state.best_scope = scope
 
     def prune_best(self) -> None:
@@ -285,7 +286,7 @@ class Tracker(keras.callbacks.Callback):
         value = row[self.monitor]
         if not math.isnan(value) and self.improved(value):
             self.state.best, self.state.best_epoch, self.state.wait = value, epoch, 0
-            self.write_best(epoch, changing(self.state.phase))
+            self.write_best(epoch, checkpoint_scope(self.state.phase))
             row["best"] = True
         else:
             self.state.wait += 1
@@ -373,19 +374,18 @@ def run_head_phase(classifier: Classifier, data: Data, train: TrainParams, track
     lr = learning_rate(train, train.head_lr, _steps(len(data.train_files), train.batch_size),
                        train.head_epochs)
     optimizer = make_optimizer(train, lr)
-    stored = (classifier.feature_head(), "pooled") if data.features is not None else None
-    _fit_phase(classifier, data, train, tracker, optimizer, optimizer_arrays, stored,
-               train.head_epochs)
+    _fit_phase(classifier, data, train, tracker, optimizer, optimizer_arrays,
+               on_stored_arrays(classifier, data.features, "head"), train.head_epochs)
 
 
 def _fit_phase(classifier: Classifier, data: Data, train: TrainParams, tracker: Tracker,
                optimizer, optimizer_arrays: list[np.ndarray] | None,
-               stored: tuple[keras.Model, str] | None, end: int) -> None:
-    """Train up to epoch `end`: with `stored` (a model, and the kind of stored array it
-    reads) on the features stage's arrays, else the whole model on images."""
+               stored: OnStoredArrays | None, end: int) -> None:
+    """Train up to epoch `end`: with `stored` on the features stage's arrays, else the whole
+    model on images."""
     onehot = np.eye(data.num_classes, dtype=np.float32)
     if stored is not None:
-        model, kind = stored
+        model, kind = stored.model, stored.kind
         order = keras.random.SeedGenerator(train.seed)
         fit_data = row_dataset(data.features.reader("train", kind), onehot[data.train_labels],
                                train.batch_size, order)
@@ -438,10 +438,33 @@ def run_finetune_phase(classifier: Classifier, data: Data, train: TrainParams,
     lr = learning_rate(train, train.finetune_lr,
                        _steps(len(data.train_files), train.batch_size), train.finetune_epochs)
     optimizer = make_optimizer(train, lr)
-    stored = None
-    if data.features is not None and data.features.has_cut:
-        stored = on_cut_activations(classifier, data.features.top), "cut"
-    _fit_phase(classifier, data, train, tracker, optimizer, optimizer_arrays, stored, end)
+    _fit_phase(classifier, data, train, tracker, optimizer, optimizer_arrays,
+               on_stored_arrays(classifier, data.features, "finetune"), end)
+
+
+@dataclass(frozen=True)
+class OnStoredArrays:
+    """A model that reads one kind of the features stage's arrays instead of pixels."""
+
+    model: keras.Model
+    kind: str  # pooled (the base's pooled features) | cut (the activations at the cut)
+
+
+def on_stored_arrays(classifier: Classifier, features: Features | None, phase: str,
+                     top: keras.Model | None = None) -> OnStoredArrays | None:
+    """What runs on the stored arrays instead of the whole model on images (None). Phase 1
+    ("head"): the head on the pooled features. Phase 2 ("finetune"): the base's top and the
+    head on the activations at the cut (None when nothing is cut: phase 2 then trains on
+    images). The trained model ("done", for calibration): the same, or the head on the pooled
+    features when nothing was unfrozen. `top`: the base above the cut of `classifier` when
+    it is not the one the arrays were read for."""
+    if features is None:
+        return None
+    if phase == "head":
+        return OnStoredArrays(classifier.feature_head(), "pooled")
+    if features.has_cut:
+        return OnStoredArrays(on_cut_activations(classifier, top or features.top), "cut")
+    return OnStoredArrays(classifier.feature_head(), "pooled") if phase == "done" else None
 
 
 def on_cut_activations(classifier: Classifier, top: keras.Model) -> keras.Model:
@@ -449,7 +472,7 @@ def on_cut_activations(classifier: Classifier, top: keras.Model) -> keras.Model:
     the classifier's layers (what it learns, the full model holds). Inference mode for the
     top, as the full model calls its base."""
     cut = keras.Input(top.input_shape[1:], name="cut_activations")
-    x = classifier.model.get_layer("head_pool")(top(cut, training=False))
+    x = classifier.pool(top(cut, training=False))
     for layer in classifier.head_layers:
         x = layer(x)
     return keras.Model(cut, x, name="finetune_on_cut")

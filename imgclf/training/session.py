@@ -28,6 +28,7 @@ class RunLog:
     receive once the model is saved, before the checkpoints are dropped."""
 
     run_id: str | None = None
+    label = "the interrupted training"  # what a resume says it continues
 
     def start(self, saved_run_id: str | None) -> bool:
         return True  # nothing recorded, nothing to reconcile: a saved state always resumes
@@ -102,7 +103,7 @@ def make_data(params: Params, classes: list[str]):
 def shipped_copy(classifier, params: Params, num_classes: int):
     """The trained model rebuilt as it ships, holding the same weights: outside any
     distribution strategy (calibration and saving then need no other worker), without the
-    optimizer's state (the `.keras` file holds what serves, ~10% less), and under the
+    optimizer's state (the `.keras` file holds what serves, no more), and under the
     float32 policy (mixed precision keeps its variables in float32 already: it is a training
     speed-up; the model that ships computes in float32, so evaluation, export and serving
     give the same answers on every machine, bf16 hardware or not)."""
@@ -132,16 +133,14 @@ def validation_probs(classifier, data, params: Params):
 
     from imgclf.features import row_dataset
     from imgclf.model.network import split_base
-    from imgclf.training.phases import on_cut_activations
+    from imgclf.training.phases import on_stored_arrays
 
-    if data.features.has_cut:
-        top = split_base(classifier.base, params.train.unfreeze)[1]
-        model, kind = on_cut_activations(classifier, top), "cut"
-    else:  # nothing was fine-tuned: the pooled features are still the base's
-        model, kind = classifier.feature_head(), "pooled"
+    # `classifier` is the shipped copy: its own base's top, not the one the arrays were read for
+    top = split_base(classifier.base, params.train.unfreeze)[1] if data.features.has_cut else None
+    stored = on_stored_arrays(classifier, data.features, "done", top)
     onehot = np.eye(data.num_classes, dtype=np.float32)[data.val_labels]
-    return model.predict(row_dataset(data.features.reader("val", kind), onehot,
-                                     params.train.batch_size), verbose=0)
+    return stored.model.predict(row_dataset(data.features.reader("val", stored.kind), onehot,
+                                            params.train.batch_size), verbose=0)
 
 
 def calibrate(classifier, data, params: Params) -> dict:
@@ -200,12 +199,12 @@ def resume_saver(classifier, resume_dir: Path, fp: str, run_id: str | None):
     """The Tracker hook that writes an epoch's resume state (what that phase changes, the
     optimizer, the tracker state), then drops best-weights files the state no longer names."""
     from imgclf.training import resume
-    from imgclf.training.phases import changing, holding, optimizer_state
+    from imgclf.training.phases import checkpoint_of, checkpoint_scope, optimizer_state
 
     def save_resume_state(row, tracker):
-        scope = changing(row["phase"])
-        resume.save(resume_dir, holding(classifier, scope), optimizer_state(tracker.optimizer),
-                    tracker.state, fp, run_id,
+        scope = checkpoint_scope(row["phase"])
+        resume.save(resume_dir, checkpoint_of(classifier, scope),
+                    optimizer_state(tracker.optimizer), tracker.state, fp, run_id,
                     same_weights_as=tracker.best_path if row["best"] else None, scope=scope)
         tracker.prune_best()
         io.fault_point("saved", row["epoch"])  # the kill tests
@@ -220,10 +219,10 @@ def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
     saved = resume.load(resume_dir, fp) if enabled else None
     if saved is None:
         return None
-    from imgclf.training.phases import holding
+    from imgclf.training.phases import checkpoint_of
 
     try:
-        holding(classifier, saved.scope).load_weights(saved.weights)
+        checkpoint_of(classifier, saved.scope).load_weights(saved.weights)
     except (OSError, ValueError, KeyError) as err:
         # A checkpoint damaged on disk (the state itself is written atomically): the epochs
         # are lost, the run is not; start clean rather than train on garbage.
@@ -233,13 +232,13 @@ def _load_saved(classifier, resume_dir: Path, fp: str, enabled: bool):
     return saved
 
 
-def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp: str,
+def _fit(classifier, data, params: Params, tracker, saved, fp: str,
          run_id: str | None) -> None:
     """Both phases from wherever `tracker.state` stands."""
     from imgclf.training import resume
     from imgclf.training.phases import (
+        checkpoint_of,
         finish,
-        holding,
         run_finetune_phase,
         run_head_phase,
         start_finetune,
@@ -253,7 +252,8 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
         run_head_phase(classifier, tracker=tracker, data=data, train=params.train,
                        optimizer_arrays=arrays)
         start_finetune(classifier, tracker, params.train.unfreeze)  # from the best weights
-        resume.save(resume_dir, holding(classifier, "top"), None, state, fp, run_id,
+        resume.save(tracker.checkpoints / paths.RESUME_DIR.name,
+                    checkpoint_of(classifier, "top"), None, state, fp, run_id,
                     same_weights_as=tracker.best_path, scope="top")
         tracker.prune_best()
     if state.phase == "finetune":
@@ -264,10 +264,10 @@ def _fit(classifier, data, params: Params, tracker, saved, resume_dir: Path, fp:
 
 def _train(params: Params, run_log: RunLog, weights: str | None, role,
            strategy_scope) -> dict:
-    from imgclf.data.manifests import data_version, read_classes
+    """The Keras transfer-learning recipe, resumable: build, fit the head on the frozen base,
+    unfreeze the top and recompile, fit again (`_fit`), then calibrate and save (`_ship`)."""
+    from imgclf.data.manifests import read_classes
     from imgclf.model.network import build_classifier, weights_digest
-    from imgclf.training import resume
-    from imgclf.training.phases import Tracker, TrackerState
 
     keras_setup(params)
     classes = read_classes()
@@ -277,19 +277,45 @@ def _train(params: Params, run_log: RunLog, weights: str | None, role,
         from imgclf import features
 
         data.features = features.read(paths.FEATURES_DIR, params, data, classifier)
-    # What this run's training cost beyond its epochs: the features stage's forward pass,
-    # which experiments on training params share.
-    timings = {"features_stage_seconds": data.features.meta["seconds"]} if data.features else {}
+    tracker, saved, fp = _tracker(params, classifier, run_log, role)
+    try:
+        _fit(classifier, data, params, tracker, saved, fp, run_log.run_id)
+    except BaseException:
+        run_log.killed()
+        raise
+    # Saving and calibration run outside the strategy: under a multi-worker one, a
+    # variable created now would wait forever for workers that have already finished.
+    strategy_scope.close()
+    digest = weights_digest(classifier.model)
+    print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
+    if role.is_chief:
+        outputs = _ship(classifier, data, params, tracker.state, role, digest)
+        # Before the checkpoints go: a kill from here on costs the record a `relog`, never
+        # the training.
+        run_log.finished(tracker.state.history, outputs.pop("timings"), outputs)
+    else:
+        outputs = {"weights_digest": digest, "worker": role.index}
+    shutil.rmtree(tracker.checkpoints, ignore_errors=True)
+    return outputs
+
+
+def _tracker(params: Params, classifier, run_log: RunLog, role):
+    """(the epoch tracker, the resume state it continues or None, the configuration's
+    fingerprint). The tracker's hooks write the resume state after every epoch, then hand
+    the epoch to `run_log` (the chief's)."""
+    from imgclf.data.manifests import data_version
+    from imgclf.training import resume
+    from imgclf.training.phases import Tracker, TrackerState
 
     fp = resume.fingerprint(params.flat(), data_version())
     checkpoints = paths.CHECKPOINTS_DIR if role.is_chief else worker_dir(role, fp)
     resume_dir = checkpoints / paths.RESUME_DIR.name
     saved = _load_saved(classifier, resume_dir, fp, params.train.resume)
-    resumed = run_log.start(saved.run_id if saved else None)
-    saved = saved if resumed else None
+    if not run_log.start(saved.run_id if saved else None):
+        saved = None  # the run it belongs to is not the one recording now
     state = saved.state if saved else TrackerState()
     if saved:
-        print(f"train: resuming run {run_log.run_id} after epoch {state.epochs_done} "
+        print(f"train: resuming {run_log.label} after epoch {state.epochs_done} "
               f"({state.phase} phase)")
         run_log.send_missing(state.history)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -304,33 +330,26 @@ def _train(params: Params, run_log: RunLog, weights: str | None, role,
                       params.train.early_stopping_patience, checkpoints,
                       hooks=[resume_saver(classifier, resume_dir, fp, run_log.run_id),
                              *([log] if role.is_chief else [])])
-    try:
-        _fit(classifier, data, params, tracker, saved, resume_dir, fp, run_log.run_id)
-    except BaseException:
-        run_log.killed()
-        raise
-    # Saving and calibration run outside the strategy: under a multi-worker one, a
-    # variable created now would wait forever for workers that have already finished.
-    strategy_scope.close()
-    digest = weights_digest(classifier.model)
-    print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
-    if not role.is_chief:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        return {"weights_digest": digest, "worker": role.index}
+    return tracker, saved, fp
 
-    classifier = shipped_copy(classifier, params, len(classes))
+
+def _ship(classifier, data, params: Params, state, role, trained_digest: str) -> dict:
+    """The trained model as it ships, calibrated and saved; what reports/train.json holds
+    (without the run id), and `timings`."""
+    from imgclf.model.network import weights_digest
+
+    classifier = shipped_copy(classifier, params, data.num_classes)
     calibration = calibrate(classifier, data, params) if params.train.calibrate else {}
     with io.replacing(paths.MODEL_FILE) as tmp:
         classifier.model.save(tmp)
+    # What this run's training cost beyond its epochs: the features stage's forward pass,
+    # which experiments on training params share.
+    timings = {"features_stage_seconds": data.features.meta["seconds"]} if data.features else {}
     outputs = write_reports(params, state, timings)
     # weights_digest: the model.keras file's; trained_weights_digest: before calibration,
     # what every worker of a distributed run prints.
     outputs.update(strategy=role.strategy_name, workers=role.num_workers,
                    weights_digest=weights_digest(classifier.model),
-                   trained_weights_digest=digest,
+                   trained_weights_digest=trained_digest,
                    temperature=calibration.get("temperature", 1.0), calibration=calibration)
-    # Before the checkpoints go: a kill from here on costs the record a `relog`, never the
-    # training.
-    run_log.finished(state.history, timings, outputs)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return outputs
+    return {**outputs, "timings": timings}
