@@ -53,6 +53,8 @@ DESCRIPTIONS = {
     "(`prepare.near_duplicate_distance: null`)",
     "prepare_peak_rss_mb": "peak memory of that `prepare` run: manifest rows and hashes, never "
     "the pixels",
+    "near_duplicate_distance_default": "`prepare.near_duplicate_distance`'s default: the "
+    "distance the next four rows are measured at",
     "near_duplicate_copies_found_digits": "share of resized/re-encoded copies of the demo "
     "digits grouped with their original at the default distance",
     "near_duplicate_copies_found_photos": "the same on generated photos",
@@ -92,8 +94,8 @@ def _value(value) -> str:
 def _headline(results: dict) -> list[str]:
     lines = ["| key | value | what it measures |", "|---|---|---|"]
     for key, value in results.items():
-        if isinstance(value, dict) or (isinstance(value, list) and value
-                                       and not isinstance(value[0], int | float)):
+        if isinstance(value, dict) or (isinstance(value, list) and not (
+                value and all(isinstance(v, int | float) for v in value))):
             continue
         lines.append(f"| `{key}` | {_value(value)} | {describe(key) or ''} |")
     return lines

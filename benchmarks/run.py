@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -444,20 +443,34 @@ def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
     return _versioned(repo)
 
 
+# Linux carries the peak memory of the process a command is forked from across its exec: a
+# command forked from this process (TensorFlow loaded by the benches before) would report at
+# least this process's peak. A small launcher forks it instead, and reports its peak (KB).
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _timed(cmd: list[str], cwd: Path, log: Path | None = None) -> tuple[float, float]:
     """(seconds, peak resident MB of the command and everything it waited for); its
     standard output to `log`, if given."""
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **GIT_ENV}
-    start = time.perf_counter()
-    with open(log or os.devnull, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.PIPE,
-                                text=False)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:].decode()}")
-    return seconds, usage.ru_maxrss / 1024
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak, \
+            open(log or os.devnull, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, peak.name, *cmd], cwd=cwd,
+                              env=env, stdout=out, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:].decode()}")
+        return seconds, int(peak.read()) / 1024
 
 
 def _forward_seconds(repo: Path, size: int) -> float:
@@ -655,17 +668,16 @@ def bench_prepare(work: Path, args) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, quality=85)
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    seconds, peak = {}, 0
+    seconds, peak = {}, 0.0
     for gate in ("off", "on", "off", "on"):  # alternated: neither side gets a warmer cache
         _write_params(root, **{"prepare.near_duplicate_distance": None if gate == "off" else 4})
-        start = time.perf_counter()
-        _run([sys.executable, "-m", "stages.prepare"], root)
-        seconds[gate] = min(seconds.get(gate, float("inf")), time.perf_counter() - start)
-        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        took, peak_mb = _timed([sys.executable, "-m", "stages.prepare"], root)
+        seconds[gate] = min(seconds.get(gate, float("inf")), took)
+        peak = max(peak, peak_mb)
     groups = json.loads((root / "reports/prepare.json").read_text())["near_duplicate_groups"]
     return {"prepare_images_per_s": round(args.prepare_images / seconds["on"], 1),
             "prepare_near_duplicate_gate_slowdown": round(seconds["on"] / seconds["off"], 3),
-            "prepare_peak_rss_mb": round(peak / 1024, 1),
+            "prepare_peak_rss_mb": round(peak, 1),
             "prepare": {"images": args.prepare_images, "size": "500x375 JPEG",
                         "seconds_gate_on": round(seconds["on"], 2),
                         "seconds_gate_off": round(seconds["off"], 2),

@@ -147,6 +147,7 @@ def test_stage_scripts_are_only_the_pipeline_stages_and_the_library_is_a_package
         assert len(script.read_text().splitlines()) <= 60, f"{script.name} is not thin"
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_tensorflow_start_up_lines_do_not_reach_the_user():
     code = "import imgclf, tensorflow, sys; print('ready', file=sys.stderr)"
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

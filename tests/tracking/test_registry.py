@@ -74,6 +74,7 @@ def imgclf(cwd: Path, uri: str, *args: str):
                                                          "MLFLOW_TRACKING_URI": uri})
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_cli_exit_codes_and_concurrent_promotes(store):
     client, root, uri = store
     done = imgclf(root, uri, "promote", "--name", "dogs", "--version", "1")

@@ -163,6 +163,7 @@ def test_weight_decay_of_adamw_shrinks_weights_that_get_no_gradient():
     assert np.allclose(var.numpy(), 1.0)
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_balanced_class_weights_change_the_loss_on_unbalanced_data(project, small_base):
     make_class_folders(project / "data/raw", {"many": 24, "few": 6})
     set_params(project, model__image_size=75, model__weights=None, train__batch_size=4,

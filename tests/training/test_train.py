@@ -28,6 +28,7 @@ def small_model(num_classes=3, weights=None, dense_units=0):
                             num_classes, weights)
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_model_takes_raw_pixels_and_loads_in_safe_mode(tmp_path):
     clf = small_model()
     names = [layer.name for layer in clf.model.layers]
@@ -57,6 +58,7 @@ def test_unfreeze_top_block_keeps_batchnorm_frozen():
     assert [w.path.split("/")[-2] for w in clf.base.trainable_weights] == ["conv_7b"]
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_weights_from_a_local_file(tmp_path):
     """A notop weights file by path, in Keras 3 format and in the legacy .h5 of ImageNet's."""
     import h5py
@@ -75,6 +77,7 @@ def test_weights_from_a_local_file(tmp_path):
             np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_offline_imagenet_fails_fast_and_says_what_to_do(project, tmp_path):
     start = time.monotonic()
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "PYTHONPATH": str(ROOT)}
@@ -170,6 +173,7 @@ def test_best_checkpoint_across_phases_survives_a_worse_finetune(tmp_path):
     assert tracker.best_path.stat().st_size < whole.stat().st_size / 4
 
 
+@pytest.mark.slow  # builds the network or starts several processes: not the fast tier
 def test_phase_two_checkpoint_loads_into_a_model_built_again(tmp_path):
     """A resumed run rebuilds the model in a fresh process, with other layer names and the
     base frozen again: the phase-2 checkpoint still restores the weights it holds."""
