@@ -3,7 +3,7 @@ transfer-learning guide runs it: build, fit the head on the frozen base, unfreez
 recompile, fit again, calibrate, save.
 
 What is not training is passed in: the `RunLog` that records the run (the stage gives it
-MLflow's, `imgclf.tracking.training_run`; a worker and a test give `NoRunLog`), the
+MLflow's, `imgclf.tracking.runs.TrainingRun`; a worker and a test give `NoRunLog`), the
 distribution strategy and this process's role in it. Resume state, written after every
 epoch, lets a killed run continue where it stopped.
 """
@@ -289,10 +289,10 @@ def _train(params: Params, run_log: RunLog, weights: str | None, role,
     digest = weights_digest(classifier.model)
     print(f"train: worker {role.index} of {role.num_workers} finished; weights digest {digest}")
     if role.is_chief:
-        outputs = _ship(classifier, data, params, tracker.state, role, digest)
+        outputs, timings = _ship(classifier, data, params, tracker.state, role, digest)
         # Before the checkpoints go: a kill from here on costs the record a `relog`, never
         # the training.
-        run_log.finished(tracker.state.history, outputs.pop("timings"), outputs)
+        run_log.finished(tracker.state.history, timings, outputs)
     else:
         outputs = {"weights_digest": digest, "worker": role.index}
     shutil.rmtree(tracker.checkpoints, ignore_errors=True)
@@ -333,9 +333,10 @@ def _tracker(params: Params, classifier, run_log: RunLog, role):
     return tracker, saved, fp
 
 
-def _ship(classifier, data, params: Params, state, role, trained_digest: str) -> dict:
-    """The trained model as it ships, calibrated and saved; what reports/train.json holds
-    (without the run id), and `timings`."""
+def _ship(classifier, data, params: Params, state, role,
+          trained_digest: str) -> tuple[dict, dict]:
+    """The trained model as it ships, calibrated and saved; (what reports/train.json holds
+    without the run id, the run's timings beyond its epochs)."""
     from imgclf.model.network import weights_digest
 
     classifier = shipped_copy(classifier, params, data.num_classes)
@@ -352,4 +353,4 @@ def _ship(classifier, data, params: Params, state, role, trained_digest: str) ->
                    weights_digest=weights_digest(classifier.model),
                    trained_weights_digest=trained_digest,
                    temperature=calibration.get("temperature", 1.0), calibration=calibration)
-    return {**outputs, "timings": timings}
+    return outputs, timings
