@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # features an epoch costs ~0.1 s. No flip: a mirrored digit is another symbol.
 DEMO_SET := -S model.weights=null -S model.image_size=75 -S augment.flip=none \
 	-S train.head_lr=0.01 -S train.head_epochs=15 -S train.early_stopping_patience=5 \
-	-S train.finetune_epochs=1
+	-S train.finetune_epochs=1 -S evaluate.ood_dir=data/ood
 
 .PHONY: demo test test-fast bench ui install clean-venv
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml requirements.lock
 demo: SHELL := /bin/bash
 demo: .SHELLFLAGS := -o pipefail -c
 demo: $(STAMP)
-	$(BIN)/imgclf demo-data data/raw
+	$(BIN)/imgclf demo-data data/raw --ood data/ood
 	@echo ">>> Offline demo: model.weights=null (random init). ImageNet weights cannot be downloaded"
 	@echo ">>> without network, so accuracy is far below a real run's. The demo settings are DVC"
 	@echo ">>> experiment overrides (-S); the committed params.yaml keeps the real defaults."

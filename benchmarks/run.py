@@ -429,7 +429,8 @@ def bench_repro_and_export(work: Path, args) -> dict:
 
 # ------------------------------------------------------------------ the pipeline's cost
 
-STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "package", "register",
+STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "selective", "package",
+               "register",
                "evaluate", "export")
 
 

@@ -5,7 +5,7 @@ as Markdown for the version's page in the MLflow UI (its description) and `imgcl
 from __future__ import annotations
 
 from imgclf.params import Params
-from imgclf.stage_reports import TrainReport
+from imgclf.stage_reports import SelectiveReport, TrainReport
 
 # What the card shows of params: the settings that decide what the model is.
 CARD_PARAMS = ("model.image_size", "model.weights", "model.resize", "train.head_epochs",
@@ -26,8 +26,44 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _selective_section(chosen: SelectiveReport, evaluation: dict | None) -> list[str]:
+    notes = chosen.notes
+    lines = ["", "## Status per image: `ok`, `unsure`, `unknown`"]
+    if chosen.ood_threshold is None:
+        lines.append("- `unknown`: off (`selective.ood: false`)")
+    else:
+        lines.append(f"- `unknown` when the `{chosen.ood_method}` out-of-distribution score "
+                     f"(on the model's own features, fitted on {notes['train_images']} "
+                     f"training images) is above {chosen.ood_threshold:.6g}: the threshold "
+                     f"that keeps {notes['ood_keep']:.0%} of the {notes['val_images']} "
+                     "validation images")
+    if chosen.confidence_threshold is None:
+        lines.append("- `unsure`: off (`selective.unsure: false`)")
+    else:
+        reached = ("reached" if notes["target_reached"] else
+                   "**not reached** at any threshold: the best accuracy is used")
+        lines.append(f"- `unsure` when the confidence is below "
+                     f"{chosen.confidence_threshold:.4f}: the lowest at which the validation "
+                     f"answers kept reach accuracy {notes['target_accuracy']} ({reached}; "
+                     f"{notes['val_coverage']:.0%} kept, accuracy "
+                     f"{notes['val_accuracy_kept']:.4f} against {notes['val_accuracy']:.4f} "
+                     "on all)")
+    if evaluation is not None and "coverage" in evaluation:
+        lines.append(f"- test split: {evaluation['coverage']:.1%} answered `ok` at accuracy "
+                     f"{evaluation['accuracy_answered']:.4f}; {evaluation['unsure_share']:.1%} "
+                     f"unsure, {evaluation['unknown_share']:.1%} unknown")
+        if "ood_images" in evaluation:
+            lines.append(f"- of {evaluation['ood_images']} images of none of the classes "
+                         f"(`evaluate.ood_dir`), {evaluation['ood_flagged_unknown']:.1%} "
+                         f"flagged `unknown`, {evaluation['ood_flagged']:.1%} not `ok`; "
+                         f"AUROC {evaluation['ood_auroc']:.4f}, FPR at 95% TPR "
+                         f"{evaluation['ood_fpr_at_95_tpr']:.4f}")
+    return lines
+
+
 def model_card(params: Params, data_version: str, prepare: dict, train: TrainReport,
-               evaluation: dict | None = None, served_format: str | None = None) -> str:
+               evaluation: dict | None = None, served_format: str | None = None,
+               selective: SelectiveReport | None = None) -> str:
     """Markdown. `prepare`: reports/prepare.json; `evaluation`: reports/metrics.json once
     evaluate has run."""
     flat = params.flat()
@@ -68,6 +104,8 @@ def model_card(params: Params, data_version: str, prepare: dict, train: TrainRep
                      "uncalibrated network.")
     else:
         lines.append("None (`train.calibrate: false`): probabilities are the network's own.")
+    if selective is not None:
+        lines += _selective_section(selective, evaluation)
     lines += ["", "## Test split (held out: never used for training or model choice)"]
     if evaluation is None:
         lines.append("Not evaluated yet: the evaluate stage writes this section.")
@@ -76,7 +114,8 @@ def model_card(params: Params, data_version: str, prepare: dict, train: TrainRep
                   "bytes.", "", "| metric | value |", "|---|---|"]
         shown = ("accuracy", "top5_accuracy", "macro_f1", "log_loss", "log_loss_uncalibrated",
                  "ece", "ece_uncalibrated", "n_test", "keras_accuracy",
-                 "served_keras_top1_agreement")
+                 "served_keras_top1_agreement", "coverage", "accuracy_answered", "aurc",
+                 "ood_auroc", "ood_fpr_at_95_tpr", "ood_flagged_unknown")
         lines += [f"| {key} | {_number(evaluation[key])} |" for key in shown
                   if key in evaluation]
     return "\n".join(lines) + "\n"

@@ -172,3 +172,19 @@ def epoch_metrics(row: dict) -> dict[str, float]:
     """The numbers of one training history row that are metrics (not timings, not NaN)."""
     return {k: v for k, v in row.items()
             if isinstance(v, float) and k not in ("epoch_seconds",) and v == v}
+
+
+def ood_separation(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:
+    """How well an out-of-distribution score (higher: more unusual) tells images of none of
+    the classes (`out_scores`) from images of them (`in_scores`): the AUROC, and the false
+    positive rate at 95% true positive rate as the OOD literature reports it (the share of
+    out-of-distribution images that pass as in-distribution at the threshold that keeps
+    95% of the in-distribution ones)."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(in_scores) == 0 or len(out_scores) == 0:
+        return {"auroc": float("nan"), "fpr_at_95_tpr": float("nan")}
+    truth = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
+    auroc = roc_auc_score(truth, np.r_[in_scores, out_scores])
+    threshold = np.quantile(in_scores, 0.95, method="higher")
+    return {"auroc": float(auroc), "fpr_at_95_tpr": float((out_scores <= threshold).mean())}

@@ -105,9 +105,18 @@ class FeaturesParams(_Section):
     max_gb: float = Field(20.0, gt=0)
 
 
+class SelectiveParams(_Section):
+    ood: bool = True
+    ood_method: Literal["mahalanobis", "knn", "energy"] = "mahalanobis"
+    ood_keep: float = Field(0.95, gt=0, le=1)
+    unsure: bool = True
+    target_accuracy: float = Field(0.95, gt=0, le=1)
+
+
 class EvaluateParams(_Section):
     tta: bool = False
     batch_size: int = Field(32, ge=1)
+    ood_dir: str | None = None
 
 
 class ExportParams(_Section):
@@ -131,6 +140,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
+    selective: SelectiveParams = SelectiveParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     mlflow: MlflowParams = MlflowParams()

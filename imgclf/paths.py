@@ -30,6 +30,11 @@ RESUME_DIR = CHECKPOINTS_DIR / "last"
 # Written only when the tracking server went away: what `imgclf relog` still has to send.
 MLFLOW_PENDING = MODELS_DIR / "mlflow_pending.json"
 TRAIN_REPORT = REPORTS_DIR / "train.json"
+# The trained model's pooled features of the train and validation images (train), and what
+# the selective stage fits on them: the out-of-distribution scores and both thresholds.
+EMBEDDINGS = MODELS_DIR / "embeddings.npz"
+SELECTIVE = MODELS_DIR / "selective.npz"
+SELECTIVE_REPORT = REPORTS_DIR / "selective.json"
 # The registered version of the trained model (the register stage).
 REGISTER_REPORT = REPORTS_DIR / "register.json"
 TRAIN_METRICS = REPORTS_DIR / "train_metrics.json"
@@ -42,5 +47,7 @@ CONFUSED_PAIRS = REPORTS_DIR / "confused_pairs.csv"
 ERRORS_CSV = REPORTS_DIR / "errors.csv"
 CONFUSION_CSV = REPORTS_DIR / "plots" / "confusion.csv"
 EVAL_FIGURES = REPORTS_DIR / "figures"
+RISK_COVERAGE = REPORTS_DIR / "plots" / "risk_coverage.csv"
+OOD_METHODS = REPORTS_DIR / "ood_methods.csv"
 EXPORT_DIR = MODELS_DIR / "export"
 EXPORT_REPORT = REPORTS_DIR / "export.json"

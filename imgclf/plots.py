@@ -143,3 +143,45 @@ def reliability_diagram(before, after, ece_before: float, ece_after: float,
     axes[1].legend(loc="upper left", fontsize=8)
     fig.suptitle("Reliability diagram", fontsize=11)
     return _png(fig)
+
+
+def risk_coverage_png(curve, served: tuple[float, float] | None, aurc: float) -> bytes:
+    """Accuracy of the answers kept against the share kept, at every confidence threshold
+    (a table from `model.selective.risk_coverage`); the served threshold's point marked."""
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    ax.plot(curve["coverage"], curve["accuracy"], "-", color="tab:blue",
+            drawstyle="steps-post", label=f"every threshold (AURC {aurc:.3f})")
+    if served is not None:
+        ax.plot([served[0]], [served[1]], "o", color="tab:red", markersize=8,
+                label=f"served threshold: {served[0]:.0%} kept, accuracy {served[1]:.3f}")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(max(0.0, float(curve["accuracy"].min()) - 0.05) if len(curve) else 0, 1.01)
+    ax.set_xlabel("coverage (share of test images answered)")
+    ax.set_ylabel("accuracy on the answered images")
+    ax.set_title("Risk-coverage: answering less, answering better")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+def score_histograms(in_scores: np.ndarray, out_scores: np.ndarray | None, threshold: float,
+                     method: str) -> bytes:
+    """The out-of-distribution score of test images and (when given) of images of none of
+    the classes, with the threshold above which the served model says `unknown`."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    finite = [s[np.isfinite(s)] for s in (in_scores, out_scores) if s is not None and len(s)]
+    values = np.concatenate(finite) if finite else np.zeros(1)
+    bins = np.linspace(values.min(), values.max() + 1e-9, 40)
+    ax.hist(in_scores, bins=bins, alpha=0.6, color="tab:blue", density=True,
+            label=f"test images ({len(in_scores)})")
+    if out_scores is not None and len(out_scores):
+        ax.hist(out_scores, bins=bins, alpha=0.6, color="tab:orange", density=True,
+                label=f"images of none of the classes ({len(out_scores)})")
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="tab:red", linestyle="--", label="unknown above this")
+    ax.set_xlabel(f"{method} score (higher: more unlike the training images)")
+    ax.set_ylabel("density")
+    ax.set_title("Out-of-distribution score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -95,3 +95,19 @@ class RegisterReport(StageReport):
     @property
     def version_uri(self) -> str:
         return f"models:/{self.registered_model}/{self.model_version}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveReport(StageReport):
+    """reports/selective.json: the out-of-distribution score and both thresholds the served
+    model applies (models/selective.npz), and how they were chosen on validation."""
+
+    PATH: ClassVar[Path] = paths.SELECTIVE_REPORT
+    STAGE: ClassVar[str] = "selective"
+
+    weights_digest: str           # of the model whose features they were fitted on
+    ood_method: str
+    ood_threshold: float | None   # None: the check is off
+    confidence_threshold: float | None
+    ood_thresholds: dict          # every method's, at the same share of validation kept
+    notes: dict                   # validation coverage, accuracy kept, target reached

@@ -3,8 +3,10 @@
 Reads params model (image_size, resize), prepare.max_pixels. Writes models/saved_model/
 (image bytes or pixels in: what every TFLite copy is converted from, and what export ships),
 models/model_dynamic.tflite (the serving copy, with its agreement with Keras on validation
-images), models/keras_test_probs.npz (the Keras model's test-split probabilities, what
-evaluate and export compare with instead of running Keras again) and reports/package.json.
+images), models/keras_test_probs.npz (the Keras model's test-split probabilities and pooled
+features, what evaluate and export compare with instead of running Keras again) and
+reports/package.json. Every format answers the probabilities and the pooled features from
+one forward pass (what the selective scores read).
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ def main() -> None:
 
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.export import formats, reference
-    from imgclf.serving.runners import keras_predictor
+    from imgclf.serving.runners import keras_forward
 
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     size, resize = params.model.image_size, params.model.resize
     with io.replaced_dir(paths.SAVED_MODEL_DIR) as staging:
         formats.write_saved_model(model, read_classes(), size, resize, staging)
-    keras_fn = keras_predictor(model)  # traced once: the serving check and the test split
+    forward = keras_forward(model)  # traced once: the serving check and the test split
     with io.replacing(paths.SERVING_COPY) as tmp:
-        agreement, checked = formats.serving_copy(params, keras_fn, paths.SAVED_MODEL_DIR, tmp)
-    reference.write(keras_fn, read_manifest("test", read_classes())[0], size, resize,
+        agreement, checked = formats.serving_copy(params, lambda x: forward(x)[0],
+                                                  paths.SAVED_MODEL_DIR, tmp)
+    reference.write(forward, read_manifest("test", read_classes())[0], size, resize,
                     params.prepare.max_pixels, trained.weights_digest)
     report = PackageReport(weights_digest=trained.weights_digest,
                            serving_variant=formats.SERVING_VARIANT,

@@ -3,7 +3,8 @@
 Reads params sections mlflow (model_name, serving_format), model (image_size, resize),
 prepare.max_pixels, and what `train` and `package` wrote. Logs models/model.keras as an
 MLflow pyfunc over image files, with the package stage's TFLite serving copy when it serves
-(`mlflow.serving_format: auto` and it agrees with Keras), registers it as a new version of
+(`mlflow.serving_format: auto` and it agrees with Keras) and the selective stage's scores
+and thresholds (the status per image), registers it as a new version of
 `mlflow.model_name` with its model card, and writes reports/register.json. Its own stage so
 that renaming the model, the serving format or the serving code registers again without
 retraining; a rerun with nothing changed registers nothing.
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 from imgclf.errors import UserError, exits_cleanly
 from imgclf.params import load_params
-from imgclf.stage_reports import PackageReport, TrainReport
+from imgclf.stage_reports import PackageReport, SelectiveReport, TrainReport
 
 
 @exits_cleanly
 def main() -> None:
     params = load_params()
-    trained, package = TrainReport.read(), PackageReport.read()
-    if package.weights_digest != trained.weights_digest:
-        raise UserError("the packaged files belong to another model than models/model.keras: "
-                        "run the package stage again (dvc repro package)")
+    trained, package, chosen = TrainReport.read(), PackageReport.read(), SelectiveReport.read()
+    for report, stage in ((package, "package"), (chosen, "selective")):
+        if report.weights_digest != trained.weights_digest:
+            raise UserError(f"the {stage} stage's files belong to another model than "
+                            f"models/model.keras: run it again (dvc repro {stage})")
     from imgclf.tracking import store
     from imgclf.tracking.registration import register
 

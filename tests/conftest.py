@@ -232,7 +232,8 @@ def trained_project(tmp_path_factory) -> Path:
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
         for module in ("stages.prepare", "stages.augment_preview", "stages.features",
-                       "stages.train", "stages.package", "stages.register"):
+                       "stages.train", "stages.selective", "stages.package",
+                       "stages.register"):
             result = run_module(module, root)
             assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
     finally:

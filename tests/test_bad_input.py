@@ -43,7 +43,8 @@ def test_bad_input_corpus_through_the_whole_pipeline(project):
     assert json.loads((project / "data/prepared/classes.json").read_text()) == \
         sorted(BAD_INPUT_CLASSES)
 
-    for stage in ("stages.features", "stages.train", "stages.package", "stages.register"):
+    for stage in ("stages.features", "stages.train", "stages.selective", "stages.package",
+                  "stages.register"):
         done = run_module(stage, project)
         assert done.returncode == 0, done.stderr[-3000:]
 

@@ -21,13 +21,14 @@ LAYERS = {
 MAY_IMPORT = {
     "base": {"base"},
     "core": {"base", "core"},
-    # What the registered model carries into production: the decode rules, nothing of
-    # training (data/images only, checked below).
+    # What the registered model carries into production: the decode rules and the status
+    # scores, nothing of training (data/images and model/selective only, checked below).
     "serving": {"base", "core", "serving"},
     "adapter": {"base", "core", "serving"},
     "entry": {"base", "core", "serving", "adapter", "entry"},
 }
-SERVING_MAY_USE_OF_CORE = {"imgclf.data", "imgclf.data.images"}
+SERVING_MAY_USE_OF_CORE = {"imgclf.data", "imgclf.data.images", "imgclf.model",
+                           "imgclf.model.selective"}
 # Third-party libraries that belong to one adapter each.
 ONLY_IN = {"mlflow": {"tracking", "serving"}, "dvc": set()}
 

@@ -89,7 +89,8 @@ def test_dvc_repro_prepare_then_nothing_to_do(dvc_repo):
 def test_dvc_yaml_is_valid_and_every_stage_has_its_module():
     result = sh(["dvc", "stage", "list"], ROOT)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    assert names == ["prepare", "augment_preview", "features", "train", "package", "register",
+    assert names == ["prepare", "augment_preview", "features", "train", "selective", "package",
+                     "register",
                      "evaluate", "export"]
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
@@ -142,7 +143,7 @@ def test_each_stage_depends_on_every_library_module_it_imports():
 def test_stage_scripts_are_only_the_pipeline_stages_and_the_library_is_a_package():
     assert sorted(p.name for p in (ROOT / "stages").glob("*.py")) == [
         "augment_preview.py", "evaluate.py", "export.py", "features.py", "package.py",
-        "prepare.py", "register.py", "train.py"]
+        "prepare.py", "register.py", "selective.py", "train.py"]
     for script in (ROOT / "stages").glob("*.py"):
         assert len(script.read_text().splitlines()) <= 60, f"{script.name} is not thin"
 

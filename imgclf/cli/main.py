@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo-data", help="write the offline demo dataset (digits) to a folder")
     demo.add_argument("raw_dir", nargs="?", default="data/raw")
+    demo.add_argument("--ood", metavar="FOLDER",
+                      help="also write images of no digit there (for evaluate.ood_dir)")
     from imgclf.cli import predict, registry
 
     predict.add_parser(sub)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-data":
         from imgclf.data import demo
 
-        demo.main([args.raw_dir])
+        demo.main([args.raw_dir, *(["--ood", args.ood] if args.ood else [])])
     return 0
 
 

@@ -6,7 +6,9 @@ a classes.json beside it), or an export folder (models/export).
 
 From the registry it answers exactly as the served model does: the version's own pyfunc
 (the format it serves with, TFLite dynamic-range in most cases) on the files' bytes, the
-probabilities that evaluate measured. `--exact` uses the Keras model inside it instead.
+probabilities that evaluate measured, and each image's `status` (ok, unsure: below the
+confidence threshold, unknown: unlike every class) with its out-of-distribution score.
+`--exact` uses the Keras model inside it instead (probabilities only).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Answers:
     bad: list[tuple[int, str]]
     classes: list[str]
     source: str          # what answered, for the message
+    status: list[str] | None = None   # the served model's: ok | unsure | unknown
+    ood_score: object = None
 
 
 def load_model(spec: str, tta: bool = False) -> LoadedModel:
@@ -73,21 +77,25 @@ def answering(spec: str, files: list[str], batch_size: int, tta: bool, exact: bo
                 yield Answers(*predict_files(model, files, batch_size, on_batch),
                               inner.classes, model.source)
                 return
-            probs, good, bad = predict_served(served, files, len(inner.classes), batch_size,
-                                              tta, on_batch)
-            yield Answers(probs, good, bad, inner.classes, f"{spec} ({inner.format})")
+            out = predict_served(served, files, len(inner.classes), batch_size, tta, on_batch)
+            yield Answers(out.probs, out.good, out.bad, inner.classes,
+                          f"{spec} ({inner.format})", out.status, out.ood_score)
         return
     model = load_model(spec, tta)
     yield Answers(*predict_files(model, files, batch_size, on_batch), model.classes,
                   model.source)
 
 
-def format_labels(files, probs, good, classes, top_k: int) -> pd.DataFrame:
+def format_labels(files, probs, good, classes, top_k: int, status=None,
+                  ood_score=None) -> pd.DataFrame:
     rows = []
     k = min(top_k, len(classes))
     for row, index in enumerate(good):
         order = probs[row].argsort()[::-1][:k]
         record = {"path": files[index]}
+        if status is not None:
+            record["status"] = status[row]
+            record["ood_score"] = round(float(ood_score[row]), 6)
         for rank, j in enumerate(order, start=1):
             record[f"label_{rank}"] = classes[j]
             record[f"prob_{rank}"] = round(float(probs[row, j]), 6)
@@ -124,7 +132,8 @@ def run(args) -> int:
     if args.format == "kaggle":
         frame = format_kaggle(files, probs, good, classes)
     else:
-        frame = format_labels(files, probs, good, classes, args.top_k)
+        frame = format_labels(files, probs, good, classes, args.top_k, answers.status,
+                              answers.ood_score)
     if args.output:
         io.write_csv(args.output, frame)
         print(f"predict: {len(good)} image(s) -> {args.output}"
@@ -166,7 +175,7 @@ def add_parser(sub) -> None:
     p.add_argument("--exact", action="store_true",
                    help="from the registry: the Keras model inside the registered version, "
                         "not the format it serves with (which agreed with it on >= 98%% of "
-                        "the validation images, top-1)")
+                        "the validation images, top-1); no status column")
     p.add_argument("--tta", action="store_true",
                    help="average over the image and its horizontal flip")
 

@@ -1,12 +1,14 @@
 """Deployable formats of a trained Keras model: writing them, and measuring their speed.
 
 - SavedModel (`saved_model/`): signature `serving_default` takes encoded image bytes (JPEG,
-  PNG, GIF, BMP) and returns `probabilities`, `class_name` and `confidence`, decoding and
-  resizing inside, so a client sends files, not tensors; `predict_pixels` takes float pixels
-  0-255 like the Keras model.
+  PNG, GIF, BMP) and returns `probabilities`, `class_name`, `confidence` and `features`,
+  decoding and resizing inside, so a client sends files, not tensors; `predict_pixels` takes
+  float pixels 0-255 like the Keras model and returns `probabilities` and `features` (the
+  pooled features the selective scores read, from the same forward pass).
 - TFLite, the variants `export.tflite` names: `model_dynamic.tflite` (dynamic-range int8
   weights; the default: what the registered version serves with), `model_float32.tflite`,
-  `model_float16.tflite`, `model_int8.tflite`; all take float pixels 0-255.
+  `model_float16.tflite`, `model_int8.tflite`; all take float pixels 0-255 and answer the
+  two outputs of `predict_pixels`.
 - `labels.txt` (one class per line, model output order) and `export.json` (input size,
   resize mode, each format's agreement with Keras, the format `imgclf predict` uses).
 """
@@ -37,6 +39,7 @@ from imgclf.serving.runners import (
     saved_model_runner,
     tflite_name,
     tflite_runner,
+    with_features,
 )
 
 QUANTISED_MIN_AGREEMENT = 0.98  # top-1 agreement with Keras for a quantised model to be used
@@ -94,8 +97,14 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     import tensorflow as tf
 
     class_names = tf.constant(classes)
+    two = with_features(model)
+
+    def forward(pixels):
+        probs, features = two(pixels, training=False)
+        return {"probabilities": probs, "features": features}
+
     predict_pixels = tf.function(
-        lambda pixels: {"probabilities": model(pixels, training=False)},
+        forward,
         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
 
     def decode(data):
@@ -105,10 +114,11 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
         pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
         # The pixels signature's own traced function: the 54M-weight graph is traced and
         # stored once for both signatures, not twice (faster to write and to load).
-        probs = predict_pixels(pixels)["probabilities"]
+        out = predict_pixels(pixels)
+        probs = out["probabilities"]
         top = tf.argmax(probs, axis=-1)
         return {"probabilities": probs, "class_name": tf.gather(class_names, top),
-                "confidence": tf.reduce_max(probs, axis=-1)}
+                "confidence": tf.reduce_max(probs, axis=-1), "features": out["features"]}
 
     archive = keras.export.ExportArchive()
     # No `archive.track(model)`: on the TensorFlow backend it stores every weight a second

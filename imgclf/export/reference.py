@@ -1,4 +1,4 @@
-"""The Keras model's own probabilities on the test split, computed once.
+"""The Keras model's own probabilities (and pooled features) on the test split, computed once.
 
 `package` has the model loaded and its forward pass traced (for the serving copy's check on
 validation images), so it runs the test split through it once and writes
@@ -19,33 +19,40 @@ from imgclf.data.manifests import files_digest
 from imgclf.errors import UserError
 
 
-def write(predict, files: list[str], image_size: int, resize: str, max_pixels: int,
+def write(forward, files: list[str], image_size: int, resize: str, max_pixels: int,
           weights_digest: str, path: Path = paths.KERAS_TEST_PROBS) -> np.ndarray:
-    """`predict` (the Keras model's compiled call) over every test file, decoded as evaluate
-    decodes them, written atomically to `path`; returns the probabilities."""
-    from imgclf.serving.batches import predict_files
-    from imgclf.serving.runners import CHUNK, LoadedModel
+    """`forward` (the Keras model's compiled call: probabilities and pooled features) over
+    every test file, decoded as evaluate decodes them, written atomically to `path`; returns
+    the probabilities."""
+    from imgclf.serving.batches import iter_batches
+    from imgclf.serving.runners import CHUNK
 
-    probs, _, bad = predict_files(LoadedModel(predict, [], image_size, resize, "keras",
-                                              max_pixels), files, CHUNK)
-    if bad:
-        raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
-                        "rerun the prepare stage")
+    probs, features = [], []
+    for _good, pixels, bad in iter_batches(files, image_size, resize, CHUNK, max_pixels):
+        if bad:
+            raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
+                            "rerun the prepare stage")
+        if len(pixels):
+            p, f = forward(pixels)
+            probs.append(p)
+            features.append(f)
+    probs_array = np.concatenate(probs).astype(np.float32)
     with io.replacing(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, probs=probs.astype(np.float32), files=files_digest(files),
-                 weights=weights_digest)
-    return probs
+        np.savez(handle, probs=probs_array, features=np.concatenate(features).astype(np.float32),
+                 files=files_digest(files), weights=weights_digest)
+    return probs_array
 
 
 def read(files: list[str], weights_digest: str, path: Path = paths.KERAS_TEST_PROBS,
-         ) -> np.ndarray:
-    """The stored probabilities, one row per file of `files`; UserError when they were
-    computed for another model or other test files."""
+         with_features: bool = False):
+    """The stored probabilities, one row per file of `files` (with_features: and the pooled
+    features, as a pair); UserError when they were computed for another model or other test
+    files."""
     if not path.is_file():
         raise UserError(f"{path} not found: run the package stage (dvc repro package)")
     with np.load(path) as stored:
         if (str(stored["weights"]) != weights_digest
-                or str(stored["files"]) != files_digest(files)):
+                or str(stored["files"]) != files_digest(files) or "features" not in stored):
             raise UserError(f"{path} was computed for another model or test split: run the "
                             "package stage again (dvc repro package)")
-        return stored["probs"]
+        return (stored["probs"], stored["features"]) if with_features else stored["probs"]

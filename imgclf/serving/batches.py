@@ -11,6 +11,7 @@ import base64
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,24 @@ def predict_files(model: LoadedModel, files: list[str], batch_size: int = 32,
     return probs, all_good, all_bad
 
 
+@dataclass
+class ServedAnswers:
+    """What the served model answered for the files it could read, row for row."""
+
+    probs: np.ndarray                 # (n, classes)
+    good: list[int]                   # indices of the answered files
+    bad: list[tuple[int, str]]        # (index, reason) of the others
+    status: list[str] = field(default_factory=list)   # ok | unsure | unknown
+    ood_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # every method's, if asked
+
+
 def predict_served(served, files: list[str], num_classes: int, batch_size: int = 32,
                    tta: bool = False, on_batch: Callable[[int], object] | None = None,
-                   ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+                   scores: bool = False) -> ServedAnswers:
     """What the served model answers for each file, sent as a client sends it (base64 file
-    bytes through the pyfunc's `predict`): (probs, indices of answered files, failures)."""
-    all_probs, all_good, all_bad = [], [], []
+    bytes through the pyfunc's `predict`); `scores`: every out-of-distribution method's."""
+    all_probs, all_good, all_bad, status, ood, every = [], [], [], [], [], []
     for start in range(0, len(files), batch_size):
         chunk, payload = [], []
         for i in range(start, min(start + batch_size, len(files))):
@@ -86,21 +99,27 @@ def predict_served(served, files: list[str], num_classes: int, batch_size: int =
         if chunk:
             try:
                 out = served.predict(pd.DataFrame({"image": payload}),
-                                     params={"probabilities": True, "tta": tta, "top_k": 1})
+                                     params={"probabilities": True, "tta": tta, "top_k": 1,
+                                             "scores": scores})
             except Exception as err:  # the whole request refused: none of it was readable
                 all_bad += [(i, str(err).splitlines()[0]) for i in chunk]
             else:
-                for i, error, probs in zip(chunk, out["error"], out["probabilities"],
-                                           strict=True):
-                    if error:
-                        all_bad.append((i, error))
-                    else:
-                        all_good.append(i)
-                        all_probs.append(np.asarray(json.loads(probs), np.float32))
+                for i, row in zip(chunk, out.to_dict("records"), strict=True):
+                    if row["error"]:
+                        all_bad.append((i, row["error"]))
+                        continue
+                    all_good.append(i)
+                    all_probs.append(np.asarray(json.loads(row["probabilities"]), np.float32))
+                    status.append(row["status"])
+                    ood.append(row["ood_score"])
+                    if scores:
+                        every.append(json.loads(row["scores"]))
         if on_batch is not None:
             on_batch(min(start + batch_size, len(files)) - start)
     probs = np.stack(all_probs) if all_probs else np.zeros((0, num_classes), np.float32)
-    return probs, all_good, sorted(all_bad)
+    by_method = {m: np.array([row[m] for row in every]) for m in (every[0] if every else {})}
+    return ServedAnswers(probs, all_good, sorted(all_bad), status, np.asarray(ood, float),
+                         by_method)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[str]]:

@@ -3,15 +3,20 @@
 Input: a DataFrame with a column `image` whose values are base64-encoded file bytes (what
 JSON clients send) or raw bytes; never file paths, so that a client of the served model
 cannot make the server read its own files. Output per image: `label`, `confidence`,
-`top_k` (JSON list of {label, probability}) and `error` (empty unless the image could not be
-read: one bad upload in a batch does not fail the others); with the param `probabilities`,
-also `probabilities` (JSON list, one per class in `classes` order: what log loss and the
-Kaggle format need). The param `tta` averages each image with its mirror image. A request
-with no readable image at all, or without an `image` column, is refused as a bad request
-(HTTP 400 when served).
-Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline, and
-(with `mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests
-when it agreed with Keras on enough validation images.
+`top_k` (JSON list of {label, probability}), `status` (`ok`; `unsure`: the confidence is
+below the threshold chosen on validation; `unknown`: the image is unlike every class, its
+out-of-distribution score above the threshold), `ood_score` and `error` (empty unless the
+image could not be read: one bad upload in a batch does not fail the others; its status is
+then empty). With the param `probabilities`, also `probabilities` (JSON list, one per class
+in `classes` order: what log loss and the Kaggle format need); with `scores`, `scores`
+(JSON: every out-of-distribution method's score, what evaluate compares them by). The param
+`tta` averages each image with its mirror image. A request with no readable image at all,
+or without an `image` column, is refused as a bad request (HTTP 400 when served).
+Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline,
+`selective.npz` (the scores and thresholds: imgclf/model/selective.py) and (with
+`mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests when it
+agreed with Keras on enough validation images. The format answers probabilities and pooled
+features in one forward pass; the status is numpy on those.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageRejected, load_pixels
+from imgclf.model.selective import Selective
 from imgclf.serving.runners import LoadedModel, in_chunks, mirrored_mean
 
 
@@ -54,17 +60,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self._model = None
         # A TFLite interpreter serves one call at a time; servers may call from threads.
         self._lock = threading.Lock()
+        self.selective = Selective.load(Path(context.artifacts["selective"]))
         if "tflite_model" in context.artifacts:
             from imgclf.serving.runners import tflite_runner
 
             # The quantised copy that register checked against the Keras model (serving_format).
             self.format = config.get("format", "tflite")
-            self.forward = tflite_runner(Path(context.artifacts["tflite_model"]), self.format)
+            self.forward = tflite_runner(Path(context.artifacts["tflite_model"]),
+                                         self.format).both
         else:
-            from imgclf.serving.runners import keras_predictor
+            from imgclf.serving.runners import keras_forward
 
             self.format = "keras"
-            self.forward = keras_predictor(self.model)  # compiled call: faster than predict()
+            self.forward = keras_forward(self.model)  # compiled call: faster than predict()
 
     @property
     def model(self):
@@ -94,6 +102,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         params = params or {}
         top_k = int(params.get("top_k", 5))
         full, tta = bool(params.get("probabilities", False)), bool(params.get("tta", False))
+        all_scores = bool(params.get("scores", False))
         if top_k < 1:
             raise MlflowException(f"top_k = {top_k}: must be >= 1",
                                   error_code=INVALID_PARAMETER_VALUE)
@@ -115,17 +124,24 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"no readable image in the request ({detail})",
                                   error_code=INVALID_PARAMETER_VALUE)
         probs = np.zeros((len(values), len(self.classes)), dtype=np.float32)
+        status = np.full(len(values), None, dtype=object)
+        score = np.full(len(values), np.nan)
+        every: dict[str, np.ndarray] = {}
         if good:
             batch = np.stack([pixels[i] for i in good]).astype(np.float32)
             forward = mirrored_mean(self.forward) if tta else self.forward
             with self._lock:
-                probs[good] = in_chunks(forward, batch)
-        columns = ["label", "confidence", "top_k", "error"] + (["probabilities"] if full else [])
-        rows = []
+                probs[good], features = in_chunks(forward, batch)
+            status[good], score[good] = self.selective.status(probs[good], features)
+            every = self.selective.scores(features) if all_scores else {}
+        columns = (["label", "confidence", "top_k", "status", "ood_score", "error"]
+                   + (["probabilities"] if full else []) + (["scores"] if all_scores else []))
+        rows, where = [], {index: row for row, index in enumerate(good)}
         for i in range(len(values)):
             if errors[i]:
-                rows.append({"label": None, "confidence": None, "top_k": "[]",
-                             "error": errors[i], "probabilities": "[]"})
+                rows.append({"label": None, "confidence": None, "top_k": "[]", "status": None,
+                             "ood_score": None, "error": errors[i], "probabilities": "[]",
+                             "scores": "{}"})
                 continue
             order = np.argsort(-probs[i])[:top_k]
             rows.append({
@@ -134,8 +150,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 "top_k": json.dumps([{"label": self.classes[j],
                                       "probability": round(float(probs[i, j]), 6)}
                                      for j in order], ensure_ascii=False),
+                "status": status[i],
+                "ood_score": float(score[i]),
                 "error": "",
                 # Full precision: these are what the test log loss is computed from.
                 "probabilities": json.dumps([float(v) for v in probs[i]]),
+                "scores": json.dumps({m: float(v[where[i]]) for m, v in every.items()}),
             })
         return pd.DataFrame(rows, columns=columns)

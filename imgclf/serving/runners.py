@@ -1,5 +1,8 @@
 """Each deployable format as one callable: float pixels (n, s, s, 3), 0-255 -> probabilities.
 
+The formats the package stage writes also answer the model's pooled features (the head's
+input) from the same forward pass: `Forward`, what the selective scores read.
+
 Keras (`.keras`), the export SavedModel and TFLite files (through LiteRT); and the export
 folder's layout. Each runner imports its engine itself, so a caller pays only for the format
 it uses: a TFLite-served model needs no TensorFlow.
@@ -18,6 +21,9 @@ import numpy as np
 from imgclf.data.images import DEFAULT_MAX_PIXELS
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # float32 pixels (n, s, s, 3) -> probs (n, c)
+# float32 pixels -> (probs (n, c), pooled features (n, d)), one forward pass
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+POOL_LAYER = "head_pool"  # model.network's name for the head's input
 
 # The export folder (models/export): what is in it, by name.
 SAVED_MODEL = "saved_model"
@@ -43,6 +49,7 @@ class Runner:
     name: str
     run: Predictor
     size_bytes: int
+    both: Forward | None = None  # with the features, when the file has them
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)
@@ -60,18 +67,48 @@ class LoadedModel:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def in_chunks(predict: Predictor, pixels: np.ndarray, size: int = CHUNK) -> np.ndarray:
-    """`predict` over `pixels` a chunk at a time: memory stays that of one chunk."""
-    return np.concatenate([predict(pixels[i:i + size]) for i in range(0, len(pixels), size)])
+def in_chunks(predict, pixels: np.ndarray, size: int = CHUNK):
+    """`predict` (a Predictor or a Forward) over `pixels` a chunk at a time: memory stays
+    that of one chunk."""
+    parts = [predict(pixels[i:i + size]) for i in range(0, len(pixels), size)]
+    if parts and isinstance(parts[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+    return np.concatenate(parts)
 
 
-def mirrored_mean(predict: Predictor) -> Predictor:
-    """Test-time augmentation: the mean of `predict` over each image and its mirror image."""
+def mirrored_mean(predict):
+    """Test-time augmentation: the mean of `predict` (a Predictor or a Forward) over each
+    image and its mirror image."""
 
-    def averaged(batch: np.ndarray) -> np.ndarray:
-        return (predict(batch) + predict(np.ascontiguousarray(batch[:, :, ::-1, :]))) / 2.0
+    def averaged(batch: np.ndarray):
+        one, two = predict(batch), predict(np.ascontiguousarray(batch[:, :, ::-1, :]))
+        if isinstance(one, tuple):
+            return tuple((a + b) / 2.0 for a, b in zip(one, two, strict=True))
+        return (one + two) / 2.0
 
     return averaged
+
+
+def with_features(model):
+    """`model` (the classifier) with a second output: its pooled features."""
+    import keras
+
+    return keras.Model(model.inputs, [model.outputs[0], model.get_layer(POOL_LAYER).output],
+                       name=f"{model.name}_with_features")
+
+
+def keras_forward(model, tta: bool = False) -> Forward:
+    """Batch -> (probabilities, pooled features), one compiled call."""
+    import tensorflow as tf
+
+    two = with_features(model)
+    forward = tf.function(lambda x: two(x, training=False), reduce_retracing=True)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, features = forward(batch)
+        return probs.numpy(), features.numpy()
+
+    return mirrored_mean(run) if tta else run
 
 
 def keras_predictor(model, tta: bool = False) -> Predictor:
@@ -121,18 +158,31 @@ def tflite_runner(path: Path, name: str) -> Runner:
     interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
     state = {"batch": None}
     inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
+    # The outputs by their names in the converted signature: a file's output order is the
+    # converter's, not the signature's.
+    named = ({name: d["index"] for name, d in
+              interpreter.get_signature_runner().get_output_details().items()}
+             if interpreter.get_signature_list() else {})
+    probs_at = named.get("probabilities", interpreter.get_output_details()[0]["index"])
+    features_at = named.get("features")
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def invoke(batch: np.ndarray) -> None:
         if state["batch"] != len(batch):
             interpreter.resize_tensor_input(inp["index"], list(batch.shape))
             interpreter.allocate_tensors()
             state["batch"] = len(batch)
         interpreter.set_tensor(inp["index"], batch.astype(np.float32))
         interpreter.invoke()
-        return interpreter.get_tensor(out["index"]).copy()
 
-    return Runner(name, run, path.stat().st_size)
+    def run(batch: np.ndarray) -> np.ndarray:
+        invoke(batch)
+        return interpreter.get_tensor(probs_at).copy()
+
+    def both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        invoke(batch)
+        return interpreter.get_tensor(probs_at).copy(), interpreter.get_tensor(features_at).copy()
+
+    return Runner(name, run, path.stat().st_size, both if features_at is not None else None)
 
 
 def load_keras_file(path: Path, classes_path: Path, image_size: int | None,

@@ -24,14 +24,14 @@ from imgclf import io, paths
 from imgclf.cards import model_card
 from imgclf.data.manifests import data_version
 from imgclf.params import Params
-from imgclf.stage_reports import PackageReport, RegisterReport, TrainReport
+from imgclf.stage_reports import PackageReport, RegisterReport, SelectiveReport, TrainReport
 from imgclf.tracking import store
 
 PACKAGE = Path(__file__).resolve().parents[1]  # imgclf/
 # What the registered model carries as its code: the pyfunc, the runners and the decode
 # rules, nothing of training. Paths relative to the package folder.
 SERVING_CODE = ("__init__.py", "_quiet.py", "errors.py", "serving", "data/__init__.py",
-                "data/images.py")
+                "data/images.py", "model/__init__.py", "model/selective.py")
 
 
 def serving_code(folder: Path) -> Path:
@@ -97,7 +97,7 @@ def serving_format(params: Params, package: PackageReport) -> str:
 
 
 SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
-                    ("tta", "boolean", False))
+                    ("tta", "boolean", False), ("scores", "boolean", False))
 # The tag on the logged model and on the version naming what they hold (registration_key).
 KEY_TAG = "imgclf.registration"
 
@@ -109,17 +109,22 @@ def _signature():
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
-                        ColSpec("string", "top_k"), ColSpec("string", "error"),
-                        ColSpec("string", "probabilities", required=False)]),
+                        ColSpec("string", "top_k"), ColSpec("string", "status", required=False),
+                        ColSpec("double", "ood_score", required=False),
+                        ColSpec("string", "error"),
+                        ColSpec("string", "probabilities", required=False),
+                        ColSpec("string", "scores", required=False)]),
         params=ParamSchema([ParamSpec(*spec) for spec in SIGNATURE_PARAMS]),
     )
 
 
 def registration_key(params: Params, weights_digest: str) -> str:
-    """What a registered version holds: the model file's weights, the params that shape its
-    serving, and the serving code it carries. Equal keys, equal registered models."""
+    """What a registered version holds: the model file's weights, its selective scores and
+    thresholds, the params that shape its serving, and the serving code it carries. Equal
+    keys, equal registered models."""
+    selective = hashlib.sha256(paths.SELECTIVE.read_bytes()).hexdigest()
     digest = hashlib.sha256(json.dumps(
-        {"weights": weights_digest, "name": params.mlflow.model_name,
+        {"weights": weights_digest, "selective": selective, "name": params.mlflow.model_name,
          "format": params.mlflow.serving_format,
          "image_size": params.model.image_size, "resize": params.model.resize,
          "max_pixels": params.prepare.max_pixels}, sort_keys=True).encode())
@@ -175,7 +180,8 @@ def _log_model(run_id: str, params: Params, key: str, folder: Path,
             name="model",
             python_model=str(code / "serving" / "model_code.py"),
             artifacts={"keras_model": str(paths.MODEL_FILE),
-                       "classes": str(paths.CLASSES_JSON), "config": str(config), **extra},
+                       "classes": str(paths.CLASSES_JSON), "config": str(config),
+                       "selective": str(paths.SELECTIVE), **extra},
             code_paths=[str(code)],
             signature=_signature(),
             input_example=pd.DataFrame({"image": [input_example(params)]}),
@@ -215,7 +221,8 @@ def register(client, params: Params, trained: TrainReport,
     store.use_fluent()
     version = mlflow.register_model(model_uri, name, tags={KEY_TAG: key, "serving_format": fmt})
     # The card without its test section until evaluate measures the served model.
-    card = model_card(params, data_version(), io.read_json(paths.PREPARE_REPORT), trained)
+    card = model_card(params, data_version(), io.read_json(paths.PREPARE_REPORT), trained,
+                      selective=SelectiveReport.read())
     client.update_model_version(name, str(version.version), description=card)
     return _report(run_id, name, client.get_model_version(name, str(version.version)), key,
                    trained.weights_digest)

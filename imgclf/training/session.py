@@ -1,6 +1,7 @@
 """One training session from the prepared data to the model file, as the Keras
 transfer-learning guide runs it: build, fit the head on the frozen base, unfreeze the top and
-recompile, fit again, calibrate, save.
+recompile, fit again, calibrate, save (with the model's own features of its training and
+validation images, for the selective stage).
 
 What is not training is passed in: the `RunLog` that records the run (the stage gives it
 MLflow's, `imgclf.tracking.runs.TrainingRun`; a worker and a test give `NoRunLog`), the
@@ -341,6 +342,9 @@ def _ship(classifier, data, params: Params, state, role,
 
     classifier = shipped_copy(classifier, params, data.num_classes)
     calibration = calibrate(classifier, data, params) if params.train.calibrate else {}
+    from imgclf.training import embeddings
+
+    embeddings.write(classifier, data, params, paths.EMBEDDINGS)
     with io.replacing(paths.MODEL_FILE) as tmp:
         classifier.model.save(tmp)
     # What this run's training cost beyond its epochs: the features stage's forward pass,
