@@ -430,8 +430,7 @@ def bench_repro_and_export(work: Path, args) -> dict:
 # ------------------------------------------------------------------ the pipeline's cost
 
 STAGE_ORDER = ("prepare", "augment_preview", "features", "train", "selective", "package",
-               "register",
-               "evaluate", "export")
+               "register", "evaluate", "export")
 
 
 def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:

@@ -107,7 +107,7 @@ class FeaturesParams(_Section):
 
 class SelectiveParams(_Section):
     ood: bool = True
-    ood_method: Literal["mahalanobis", "knn", "energy"] = "mahalanobis"
+    ood_method: Literal["knn", "mahalanobis", "energy"] = "knn"
     ood_keep: float = Field(0.95, gt=0, le=1)
     unsure: bool = True
     target_accuracy: float = Field(0.95, gt=0, le=1)

@@ -12,7 +12,7 @@ seconds.
 from __future__ import annotations
 
 from imgclf import io, paths
-from imgclf.errors import exits_cleanly
+from imgclf.errors import UserError, exits_cleanly
 from imgclf.params import load_params
 from imgclf.stage_reports import SelectiveReport, TrainReport
 
@@ -25,8 +25,6 @@ def main() -> None:
     from imgclf.training import embeddings
 
     if not paths.EMBEDDINGS.is_file():
-        from imgclf.errors import UserError
-
         raise UserError(f"{paths.EMBEDDINGS} not found: run the train stage (dvc repro train)")
     stored = embeddings.read(paths.EMBEDDINGS)
     chosen = params.selective
@@ -42,10 +40,13 @@ def main() -> None:
                              ood_thresholds=fitted.thresholds, notes=fitted.notes)
     report.write()
     notes = fitted.notes
-    print(f"selective: {fitted.method} score, unknown above {fitted.ood_threshold} (keeps "
-          f"{1 - notes['val_unknown_share']:.0%} of {notes['val_images']} validation images); "
-          f"unsure below confidence {fitted.confidence_threshold} (validation: "
-          f"{notes['val_coverage']:.0%} kept at accuracy {notes['val_accuracy_kept']:.4f})")
+    unknown = (f"unknown above {fitted.ood_threshold:.4g} (keeps "
+               f"{1 - notes['val_unknown_share']:.0%} of {notes['val_images']} validation "
+               "images)" if fitted.ood_threshold is not None else "unknown: off")
+    unsure = (f"unsure below confidence {fitted.confidence_threshold:.4f} (validation: "
+              f"{notes['val_coverage']:.0%} kept at accuracy {notes['val_accuracy_kept']:.4f})"
+              if fitted.confidence_threshold is not None else "unsure: off")
+    print(f"selective: {fitted.method} score, {unknown}; {unsure}")
     if not notes["target_reached"]:
         print(f"warning: no confidence threshold reaches selective.target_accuracy = "
               f"{chosen.target_accuracy} on validation; the threshold of the best accuracy is "

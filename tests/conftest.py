@@ -207,6 +207,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: within a rank, the files' own order
 
 
+OOD_DIR = "ood"  # trained_project's images of another kind (evaluate.ood_dir)
+
+
+def write_scenes(folder: Path, count: int, offset: int = 0) -> list[Path]:
+    """`count` photo-like scenes (`scene`): images of none of `make_class_folders`' classes."""
+    return [write(folder / f"scene_{i:03d}.png", encode(scene(96, 72, seed=offset + i)))
+            for i in range(count)]
+
+
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory) -> Path:
     """One tiny trained model for the whole session (75 px, random init, 3 classes).
@@ -227,8 +236,9 @@ def trained_project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
+    write_scenes(root / OOD_DIR, 12, offset=500)
     set_params(root, **{**TINY, "mlflow__serving_format": "auto"},
-               export__tflite=["float32", "dynamic", "int8"])
+               export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
         for module in ("stages.prepare", "stages.augment_preview", "stages.features",

@@ -90,8 +90,7 @@ def test_dvc_yaml_is_valid_and_every_stage_has_its_module():
     result = sh(["dvc", "stage", "list"], ROOT)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
     assert names == ["prepare", "augment_preview", "features", "train", "selective", "package",
-                     "register",
-                     "evaluate", "export"]
+                     "register", "evaluate", "export"]
     stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         assert stage["cmd"] == f"python -m stages.{name}"

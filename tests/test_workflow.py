@@ -39,8 +39,7 @@ def test_readme_walkthrough(dvc_repo):
     first_out, _ = first_proc.communicate(timeout=900)
     assert first_proc.returncode == 0, first_out[-3000:]
     for stage in ("prepare", "augment_preview", "features", "train", "selective", "package",
-                  "register",
-                  "evaluate"):
+                  "register", "evaluate"):
         assert f"Running stage '{stage}'" in first_out
     assert "Running stage" not in sh(["dvc", "repro", "evaluate"], repo).stdout
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)

@@ -6,7 +6,7 @@
     covariance shared by every class (Lee et al., NeurIPS 2018), shrunk (Ledoit-Wolf) so it
     stays invertible with fewer images than feature channels;
   - `knn`: the distance to the k-th nearest training image, on L2-normalised features (Sun
-    et al., ICML 2022);
+    et al., ICML 2022), k growing with the training split (`KNN_PER`);
   - `energy`: minus the log-sum-exp of the logits (Liu et al., NeurIPS 2020), the logits
     computed from the features by the head's own weights.
   Higher is more unusual. The threshold keeps a chosen share of the validation images.
@@ -29,11 +29,12 @@ import numpy as np
 
 METHODS = ("mahalanobis", "knn", "energy")
 OK, UNSURE, UNKNOWN = "ok", "unsure", "unknown"
-KNN_K = 10  # neighbours (fewer when the training split is smaller)
+# The neighbour whose distance is the score: one per KNN_PER training images (within
+# KNN_K_MAX), so that it stays a near neighbour within the image's own class however large
+# the training split; a fixed k larger than a small class would measure the distance to
+# other classes instead.
+KNN_PER, KNN_K_MAX = 100, 50
 KNN_BANK = 10_000  # training images kept for knn (evenly spaced): bounds the served file
-# Every array a served Selective needs, by method; `energy` reads the head's weights.
-_ARRAYS = {"mahalanobis": ("maha_whitening", "maha_means"), "knn": ("knn_bank",),
-           "energy": ("head_kernels", "head_biases")}
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -79,7 +80,7 @@ class Selective:
               + (means ** 2).sum(1)[None, :])
         unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
         similarity = unit @ self.arrays["knn_bank"].astype(np.float32).T
-        k = min(KNN_K, similarity.shape[1])
+        k = min(int(self.arrays["knn_k"]), similarity.shape[1])
         kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
         logits = head_logits(f, self.arrays["head_kernels"], self.arrays["head_biases"])
         return {"mahalanobis": np.maximum(d2.min(axis=1), 0.0),
@@ -168,6 +169,7 @@ def fit_arrays(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return {"maha_whitening": whitening.astype(np.float32),
             "maha_means": projected.astype(np.float32),
             "knn_bank": unit.astype(np.float16),
+            "knn_k": np.array(int(np.clip(round(len(f) / KNN_PER), 1, KNN_K_MAX))),
             "head_kernels": [np.asarray(k, np.float32) for k in kernels],
             "head_biases": [np.asarray(b, np.float32) for b in biases]}
 

@@ -49,15 +49,10 @@ def head_weights(classifier) -> tuple[list[np.ndarray], list[np.ndarray]]:
             [np.asarray(layer.bias) for layer in dense])
 
 
-def write(classifier, data, params, path: Path) -> None:
-    """`classifier` is the calibrated model that ships."""
-    from imgclf.model.network import split_base
-
-    top = None
-    if data.features is not None and data.features.has_cut:
-        top = split_base(classifier.base, params.train.unfreeze)[1]
+def write(classifier, data, top, batch: int, path: Path) -> None:
+    """`classifier` is the calibrated model that ships; `top`: its base above the cut the
+    stored activations were taken at (None when nothing is cut)."""
     model, kind = _pooled_model(classifier, data.features, top)
-    batch = max(params.train.batch_size, 64)
     train = _pooled(model, kind, data.features, data, "train", data.train_files, batch)
     val = _pooled(model, kind, data.features, data, "val", data.val_files, batch)
     val_probs = (classifier.feature_head().predict(val, verbose=0) if len(val)

@@ -334,6 +334,17 @@ def _tracker(params: Params, classifier, run_log: RunLog, role):
     return tracker, saved, fp
 
 
+def _keep_embeddings(classifier, data, params: Params) -> None:
+    """The shipped model's features of its training and validation images (`embeddings`)."""
+    from imgclf.model.network import split_base
+    from imgclf.training import embeddings
+
+    top = None
+    if data.features is not None and data.features.has_cut:
+        top = split_base(classifier.base, params.train.unfreeze)[1]
+    embeddings.write(classifier, data, top, max(params.train.batch_size, 64), paths.EMBEDDINGS)
+
+
 def _ship(classifier, data, params: Params, state, role,
           trained_digest: str) -> tuple[dict, dict]:
     """The trained model as it ships, calibrated and saved; (what reports/train.json holds
@@ -342,9 +353,7 @@ def _ship(classifier, data, params: Params, state, role,
 
     classifier = shipped_copy(classifier, params, data.num_classes)
     calibration = calibrate(classifier, data, params) if params.train.calibrate else {}
-    from imgclf.training import embeddings
-
-    embeddings.write(classifier, data, params, paths.EMBEDDINGS)
+    _keep_embeddings(classifier, data, params)
     with io.replacing(paths.MODEL_FILE) as tmp:
         classifier.model.save(tmp)
     # What this run's training cost beyond its epochs: the features stage's forward pass,

@@ -199,8 +199,8 @@ def test_team_server_with_auth_survives_losing_the_server_mid_run(postgres, tiny
     assert "train_history.csv" in [a.path for a in admin.list_artifacts(run_id)]
 
     # Register, evaluate and promote against the server; the alias resolves there.
-    for args in (["stages.selective"], ["stages.package"], ["stages.register"], ["stages.evaluate"],
-                 ["imgclf.cli.main", "promote", "--latest"]):
+    for args in (["stages.selective"], ["stages.package"], ["stages.register"],
+                 ["stages.evaluate"], ["imgclf.cli.main", "promote", "--latest"]):
         result = _run(args, tiny_project, _env(server, ADMIN))
         assert result.returncode == 0, f"{args}: {result.stderr[-3000:]}"
     report = json.loads((tiny_project / "reports/register.json").read_text())
