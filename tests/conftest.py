@@ -145,8 +145,8 @@ TINY = {  # the shrunk real run every training test starts from
     "model__image_size": 75, "model__weights": None, "train__batch_size": 4,
     "train__head_epochs": 1, "train__finetune_epochs": 1, "train__head_lr": 0.01,
     "augment__preview_images": 2, "augment__preview_views": 2,
-    # The TFLite serving copy costs ~45 s per training; trained_project checks it once.
-    "mlflow__serving_format": "keras",
+    # mlflow.serving_format stays auto: package converts the TFLite copy whatever it is, and
+    # serving from it spares evaluate and predict a Keras load.
 }
 
 
@@ -185,6 +185,14 @@ def _isolated_mlflow_env():
 
 # Fixtures that run pipeline stages: a test using one is not a fast unit test.
 PROJECT_FIXTURES = {"trained_project", "tiny_project", "prepared_project", "dvc_repo"}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker more than CPUs (within --maxprocesses). Most tests spend part
+    of their time waiting on a subprocess or server starting; a spare worker fills it."""
+    import os
+
+    return (os.cpu_count() or 1) + 1
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
@@ -237,8 +245,7 @@ def trained_project(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
     write_scenes(root / OOD_DIR, 12, offset=500)
-    set_params(root, **{**TINY, "mlflow__serving_format": "auto"},
-               export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR)
+    set_params(root, **TINY, export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
         for module in ("stages.prepare", "stages.augment_preview", "stages.features",

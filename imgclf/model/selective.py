@@ -70,27 +70,39 @@ class Selective:
     arrays: dict[str, object] = field(repr=False)
     notes: dict = field(default_factory=dict)  # how the thresholds were chosen
 
+    def score(self, features: np.ndarray, method: str | None = None) -> np.ndarray:
+        """One method's (default: the served one's) out-of-distribution score of each row of
+        `features`."""
+        f = np.asarray(features, np.float32)
+        method = method or self.method
+        if method == "mahalanobis":
+            whitened = f @ self.arrays["maha_whitening"]
+            means = self.arrays["maha_means"]
+            # ||z - m||^2 = ||z||^2 - 2 z.m + ||m||^2, for every class mean at once
+            d2 = ((whitened ** 2).sum(1, keepdims=True) - 2.0 * whitened @ means.T
+                  + (means ** 2).sum(1)[None, :])
+            return np.maximum(d2.min(axis=1), 0.0)
+        if method == "knn":
+            unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+            if "_bank" not in self.__dict__:  # float16 on disk, float32 to multiply
+                self._bank = self.arrays["knn_bank"].astype(np.float32).T
+            similarity = unit @ self._bank
+            k = min(int(self.arrays["knn_k"]), similarity.shape[1])
+            kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
+            return np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+        if method == "energy":
+            return -_logsumexp(head_logits(f, self.arrays["head_kernels"],
+                                           self.arrays["head_biases"]))
+        raise ValueError(f"unknown out-of-distribution method {method!r}")
+
     def scores(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Every method's out-of-distribution score of each row of `features`."""
-        f = np.asarray(features, np.float32)
-        whitened = f @ self.arrays["maha_whitening"]
-        means = self.arrays["maha_means"]
-        # ||z - m||^2 = ||z||^2 - 2 z.m + ||m||^2, for every class mean at once
-        d2 = ((whitened ** 2).sum(1, keepdims=True) - 2.0 * whitened @ means.T
-              + (means ** 2).sum(1)[None, :])
-        unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-        similarity = unit @ self.arrays["knn_bank"].astype(np.float32).T
-        k = min(int(self.arrays["knn_k"]), similarity.shape[1])
-        kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
-        logits = head_logits(f, self.arrays["head_kernels"], self.arrays["head_biases"])
-        return {"mahalanobis": np.maximum(d2.min(axis=1), 0.0),
-                "knn": np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0)),
-                "energy": -_logsumexp(logits)}
+        return {method: self.score(features, method) for method in METHODS}
 
     def status(self, probs: np.ndarray, features: np.ndarray,
                ) -> tuple[np.ndarray, np.ndarray]:
         """(each image's status, its served out-of-distribution score)."""
-        score = self.scores(features)[self.method]
+        score = self.score(features)
         return statuses(probs.max(axis=1), score, self.confidence_threshold,
                         self.ood_threshold), score
 
