@@ -245,7 +245,8 @@ def trained_project(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
     write_scenes(root / OOD_DIR, 12, offset=500)
-    set_params(root, **TINY, export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR)
+    set_params(root, **TINY, export__tflite=["float32", "dynamic", "int8"],
+               evaluate__ood_dir=OOD_DIR)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
         for module in ("stages.prepare", "stages.augment_preview", "stages.features",
