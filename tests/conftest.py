@@ -184,15 +184,8 @@ def _isolated_mlflow_env():
 
 
 # Fixtures that run pipeline stages: a test using one is not a fast unit test.
-PROJECT_FIXTURES = {"trained_project", "tiny_project", "prepared_project", "dvc_repo"}
-
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than CPUs (within --maxprocesses). Most tests spend part
-    of their time waiting on a subprocess or server starting; a spare worker fills it."""
-    import os
-
-    return (os.cpu_count() or 1) + 1
+PROJECT_FIXTURES = {"trained_project", "tiny_project", "prepared_project", "dvc_repo",
+                    "digits_project"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
@@ -204,6 +197,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "trained_project" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("trained_project"))
+        if "digits_project" in item.fixturenames:  # tests/test_behaviour.py: built once
+            item.add_marker(pytest.mark.xdist_group("digits_project"))
         if PROJECT_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.project)  # not in the fast tier (`make test-fast`)
 
