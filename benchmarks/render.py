@@ -32,6 +32,9 @@ DESCRIPTIONS = {
     "start to its first answer",
     "serve_images_per_s_batch32": "images/s through that server, 32 base64 uploads a request, "
     "decoding included",
+    "served_status_cost_ratio": "the served TFLite copy's forward pass answering the "
+    "probabilities alone / the same pass answering the pooled features too, with the "
+    "selective scores and thresholds applied (the status per image): its cost as a factor",
     "pipeline_marginal_forward_passes": "what one more image costs the whole pipeline (every "
     "stage through DVC, at two dataset sizes), in forward passes: the slope of the total over "
     "the slope of one Keras forward pass over the same images",

@@ -658,6 +658,53 @@ def bench_serving(work: Path, args) -> dict:
                         "requirements": (model_dir / "requirements.txt").read_text().split()}}
 
 
+def bench_status_cost(work: Path, args) -> dict:
+    """What the status per image costs the served model: its format's forward pass answering
+    the probabilities alone against the same pass answering the pooled features too, with
+    the selective scores and thresholds applied (the registered version's own pyfunc, on the
+    test split's pixels, best of five)."""
+    repo = work / "repro" / "repo"
+    if not (repo / "reports/register.json").is_file():
+        repo = _tiny_repo(work / "status", args.per_class)
+        _run(["dvc", "exp", "run", "-S", f"model.image_size={args.size}", "-S",
+              "model.weights=null", "-S", "train.head_epochs=1", "-S",
+              "train.finetune_epochs=0", "register"], repo)
+    import mlflow
+    import pandas as pd
+
+    from imgclf.data.images import load_pixels
+    from imgclf.serving.runners import in_chunks, tflite_runner
+
+    register = json.loads((repo / "reports/register.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(f"models:/{register['registered_model']}/"
+                                      f"{register['model_version']}")
+    inner = served.unwrap_python_model()
+    test = pd.read_csv(repo / "data/prepared/test.csv")
+    pixels = np.stack([load_pixels(str(repo / p), inner.image_size, inner.resize)
+                       for p in test["path"]]).astype(np.float32)
+    lite = tflite_runner(repo / "models/model_dynamic.tflite", "tflite_dynamic")
+
+    def images_per_s(fn) -> float:
+        fn()
+        best = min(_seconds(fn) for _ in range(5))
+        return round(len(pixels) / best, 2)
+
+    alone = images_per_s(lambda: in_chunks(lite.run, pixels))
+    with_status = images_per_s(lambda: inner.selective.status(*in_chunks(lite.both, pixels)))
+    return {"served_status_cost_ratio": round(alone / with_status, 3),
+            "status_cost": {"images": len(pixels), "image_size": inner.image_size,
+                            "method": inner.selective.method,
+                            "forward_probabilities_images_per_s": alone,
+                            "forward_features_and_status_images_per_s": with_status}}
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def bench_prepare(work: Path, args) -> dict:
     """prepare on generated photo-sized JPEGs (distinct photo-like images): throughput and
     peak memory, with the near-duplicate gate (the default) and without it, side by side."""
@@ -772,6 +819,7 @@ BENCHES = {
     "frozen": bench_frozen_phase,
     "repro_export": bench_repro_and_export,
     "serving": bench_serving,
+    "status_cost": bench_status_cost,
     "pipeline_cost": bench_pipeline_cost,
     "finetune_ways": bench_finetune_ways,
 }
