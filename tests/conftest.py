@@ -183,6 +183,11 @@ def _isolated_mlflow_env():
     os.environ.update(saved)
 
 
+# The slowest tests, slowest first (pytest --durations).
+LONGEST = ("test_readme_walkthrough", "test_team_server_with_auth",
+           "test_bad_input_corpus_through_the_whole_pipeline",
+           "test_kills_between_saving_and_logging", "test_training_killed_twice")
+
 # Fixtures that run pipeline stages: a test using one is not a fast unit test.
 PROJECT_FIXTURES = {"trained_project", "tiny_project", "prepared_project", "dvc_repo",
                     "digits_project"}
@@ -202,10 +207,16 @@ def pytest_collection_modifyitems(config, items):
         if PROJECT_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.project)  # not in the fast tier (`make test-fast`)
 
-    def rank(item) -> int:
+    def rank(item) -> tuple[int, int]:
         if "trained_project" in item.fixturenames:
-            return 0
-        return 1 if item.get_closest_marker("slow") else 2
+            return 0, 0
+        if item.get_closest_marker("slow"):
+            # The longest first (longest-processing-time order): started last, one of them
+            # would keep a worker busy long after the other has run out of tests.
+            longest = next((i for i, name in enumerate(LONGEST) if name in item.nodeid),
+                           len(LONGEST))
+            return 1, longest
+        return 2, 0
 
     items.sort(key=rank)  # stable: within a rank, the files' own order
 

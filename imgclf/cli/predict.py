@@ -8,7 +8,7 @@ From the registry it answers exactly as the served model does: the version's own
 (the format it serves with, TFLite dynamic-range in most cases) on the files' bytes, the
 probabilities that evaluate measured, and each image's `status` (ok, unsure: below the
 confidence threshold, unknown: unlike every class) with its out-of-distribution score.
-`--exact` uses the Keras model inside it instead (probabilities only).
+`--exact` uses the Keras model inside it instead, with the same thresholds.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -65,7 +66,7 @@ def load_model(spec: str, tta: bool = False) -> LoadedModel:
 def answering(spec: str, files: list[str], batch_size: int, tta: bool, exact: bool,
               on_batch) -> Iterator[Answers]:
     """Every file's probabilities from the model `spec` names."""
-    from imgclf.serving.batches import predict_files, predict_served
+    from imgclf.serving.batches import forward_files, predict_files, predict_served
 
     if spec.startswith(("models:/", "runs:/")):
         from imgclf.tracking import registry
@@ -73,9 +74,12 @@ def answering(spec: str, files: list[str], batch_size: int, tta: bool, exact: bo
         with registry.served_model(spec) as served:
             inner = served.unwrap_python_model()
             if exact:
-                model = inner.keras_runner(f"{spec} (keras)", tta)
-                yield Answers(*predict_files(model, files, batch_size, on_batch),
-                              inner.classes, model.source)
+                model = inner.keras_runner(f"{spec} (keras)", tta, features=True)
+                probs, features, good, bad = forward_files(model, files, batch_size, on_batch)
+                status, score = (inner.selective.status(probs, features) if good
+                                 else ([], np.zeros(0)))
+                yield Answers(probs, good, bad, inner.classes, model.source, list(status),
+                              score)
                 return
             out = predict_served(served, files, len(inner.classes), batch_size, tta, on_batch)
             yield Answers(out.probs, out.good, out.bad, inner.classes,
@@ -175,7 +179,7 @@ def add_parser(sub) -> None:
     p.add_argument("--exact", action="store_true",
                    help="from the registry: the Keras model inside the registered version, "
                         "not the format it serves with (which agreed with it on >= 98%% of "
-                        "the validation images, top-1); no status column")
+                        "the validation images, top-1)")
     p.add_argument("--tta", action="store_true",
                    help="average over the image and its horizontal flip")
 

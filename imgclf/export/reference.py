@@ -24,23 +24,19 @@ def write(forward, files: list[str], image_size: int, resize: str, max_pixels: i
     """`forward` (the Keras model's compiled call: probabilities and pooled features) over
     every test file, decoded as evaluate decodes them, written atomically to `path`; returns
     the probabilities."""
-    from imgclf.serving.batches import iter_batches
-    from imgclf.serving.runners import CHUNK
+    from imgclf.serving.batches import forward_files
+    from imgclf.serving.runners import CHUNK, LoadedModel
 
-    probs, features = [], []
-    for _good, pixels, bad in iter_batches(files, image_size, resize, CHUNK, max_pixels):
-        if bad:
-            raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
-                            "rerun the prepare stage")
-        if len(pixels):
-            p, f = forward(pixels)
-            probs.append(p)
-            features.append(f)
-    probs_array = np.concatenate(probs).astype(np.float32)
+    probs, features, _, bad = forward_files(LoadedModel(forward, [], image_size, resize,
+                                                        "keras", max_pixels), files, CHUNK)
+    if bad:
+        raise UserError(f"test image {files[bad[0][0]]} cannot be read ({bad[0][1]}): "
+                        "rerun the prepare stage")
+    probs = probs.astype(np.float32)
     with io.replacing(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, probs=probs_array, features=np.concatenate(features).astype(np.float32),
+        np.savez(handle, probs=probs, features=features.astype(np.float32),
                  files=files_digest(files), weights=weights_digest)
-    return probs_array
+    return probs
 
 
 def read(files: list[str], weights_digest: str, path: Path = paths.KERAS_TEST_PROBS,

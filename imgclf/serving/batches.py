@@ -51,23 +51,42 @@ def iter_batches(files: list[str], size: int, resize: str, batch_size: int,
             yield good, pixels, bad
 
 
+def _over_files(model: LoadedModel, files: list[str], batch_size: int, on_batch):
+    """`model.predict` on every readable file's pixels, a batch at a time: (its outputs per
+    batch, indices of the files read, failures)."""
+    outputs, all_good, all_bad = [], [], []
+    for good, pixels, bad in iter_batches(files, model.image_size, model.resize,
+                                          batch_size, model.max_pixels):
+        if good:
+            outputs.append(model.predict(pixels))
+            all_good += good
+        all_bad += bad
+        if on_batch is not None:
+            on_batch(len(good) + len(bad))
+    return outputs, all_good, all_bad
+
+
 def predict_files(model: LoadedModel, files: list[str], batch_size: int = 32,
                   on_batch: Callable[[int], object] | None = None,
                   ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Probabilities for every readable file: (probs, their indices in files, failures).
     `on_batch(n)` hears of every n files done (a progress bar's update)."""
-    all_probs, all_good, all_bad = [], [], []
-    for good, pixels, bad in iter_batches(files, model.image_size, model.resize,
-                                          batch_size, model.max_pixels):
-        if good:
-            all_probs.append(model.predict(pixels))
-            all_good += good
-        all_bad += bad
-        if on_batch is not None:
-            on_batch(len(good) + len(bad))
-    probs = (np.concatenate(all_probs) if all_probs
+    outputs, good, bad = _over_files(model, files, batch_size, on_batch)
+    probs = (np.concatenate(outputs) if outputs
              else np.zeros((0, len(model.classes)), np.float32))
-    return probs, all_good, all_bad
+    return probs, good, bad
+
+
+def forward_files(model: LoadedModel, files: list[str], batch_size: int = 32,
+                  on_batch: Callable[[int], object] | None = None):
+    """`predict_files` for a model whose `predict` is a `runners.Forward`: (probs, pooled
+    features, indices of the files read, failures)."""
+    outputs, good, bad = _over_files(model, files, batch_size, on_batch)
+    if not outputs:
+        return (np.zeros((0, len(model.classes)), np.float32), np.zeros((0, 0), np.float32),
+                good, bad)
+    return (np.concatenate([p for p, _ in outputs]), np.concatenate([f for _, f in outputs]),
+            good, bad)
 
 
 @dataclass

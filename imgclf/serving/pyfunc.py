@@ -83,12 +83,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self._model = keras.models.load_model(self._keras_path, safe_mode=True)
         return self._model
 
-    def keras_runner(self, source: str, tta: bool = False) -> LoadedModel:
-        """The Keras model inside the version, with the version's decode settings."""
-        from imgclf.serving.runners import keras_predictor
+    def keras_runner(self, source: str, tta: bool = False,
+                     features: bool = False) -> LoadedModel:
+        """The Keras model inside the version, with the version's decode settings; with
+        `features`, its predict is a `runners.Forward` (probabilities and pooled features)."""
+        from imgclf.serving.runners import keras_forward, keras_predictor
 
-        return LoadedModel(keras_predictor(self.model, tta), self.classes, self.image_size,
-                           self.resize, source, self.max_pixels)
+        predict = keras_forward(self.model, tta) if features else keras_predictor(self.model,
+                                                                                  tta)
+        return LoadedModel(predict, self.classes, self.image_size, self.resize, source,
+                           self.max_pixels)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         from mlflow.exceptions import MlflowException

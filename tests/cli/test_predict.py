@@ -60,11 +60,19 @@ def test_labels_format_from_the_registry(trained_project, tmp_path):
                     "models:/imgclf/1", "--top-k", "2", "--exact")
     assert result.returncode == 0, result.stderr[-2000:]
     frame = pd.read_csv(pd.io.common.StringIO(result.stdout))
-    assert list(frame.columns) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
+    assert list(frame.columns) == ["path", "status", "ood_score", "label_1", "prob_1",
+                                   "label_2", "prob_2"]
     assert (frame["prob_1"] >= frame["prob_2"]).all()
     classes = json.loads((trained_project / "data/prepared/classes.json").read_text())
     expected = keras_probs(trained_project, files)
     assert list(frame["label_1"]) == [classes[i] for i in expected.argmax(1)]
+    # As served (no --exact): each image's status and the score behind `unknown` too.
+    served = imgclf(trained_project, "predict", *map(str, files), "--model",
+                    "models:/imgclf/1", "--top-k", "1")
+    assert served.returncode == 0, served.stderr[-2000:]
+    frame = pd.read_csv(pd.io.common.StringIO(served.stdout))
+    assert list(frame.columns) == ["path", "status", "ood_score", "label_1", "prob_1"]
+    assert set(frame["status"]) <= {"ok", "unsure", "unknown"}
 
 
 def test_nothing_readable_exits_nonzero_and_bad_model_exits_2(trained_project, tmp_path):

@@ -91,31 +91,37 @@ def test_offline_imagenet_fails_fast_and_says_what_to_do(project, tmp_path):
     assert elapsed < 30
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_stored_features_give_the_full_models_answers(tiny_project, dtype):
+def test_stored_features_give_the_full_models_answers(tiny_project):
     """Phase 1's head on the pooled features, and phase 2's top + head on the activations at
-    the cut, answer as the whole model does on the images (float16 storage: within 1e-3)."""
+    the cut, answer as the whole model does on the images (float16 storage: within 1e-3).
+    Both storage types in one test: one model built, one project prepared."""
     from imgclf import features, paths
     from imgclf.data.manifests import read_classes
     from imgclf.params import load_params
     from imgclf.training.phases import on_cut_activations
     from imgclf.training.session import make_data
 
-    set_params(tiny_project, features__dtype=dtype)
-    assert run_module("stages.features", tiny_project).returncode == 0
-    params = load_params()
-    data = make_data(params, read_classes())
-    clf = build_classifier(params.model, 3, None, seed=5)  # another head, the same base
-    stored = features.read(paths.FEATURES_DIR, params, data, clf)
-    plain = clf.model.predict(data.make_images(data.val_files, None, False, None), verbose=0)
-    everything = np.arange(len(data.val_files))
-    first_view = np.zeros_like(everything)
-    pooled = stored.reader("val", "pooled").read(first_view, everything)
-    np.testing.assert_allclose(clf.feature_head().predict(pooled, verbose=0), plain, atol=1e-6)
-    cut = stored.reader("val", "cut").read(first_view, everything)
-    assert cut.shape[1:] == (1, 1, 2080)  # block8_9's output at 75 px
-    on_cut = on_cut_activations(clf, stored.top).predict(cut, verbose=0)
-    np.testing.assert_allclose(on_cut, plain, atol=1e-6 if dtype == "float32" else 1e-3)
+    clf = plain = None
+    for dtype in ("float32", "float16"):
+        set_params(tiny_project, features__dtype=dtype)
+        assert run_module("stages.features", tiny_project).returncode == 0
+        params = load_params()
+        data = make_data(params, read_classes())
+        if clf is None:
+            clf = build_classifier(params.model, 3, None, seed=5)  # another head, same base
+            plain = clf.model.predict(data.make_images(data.val_files, None, False, None),
+                                      verbose=0)
+        stored = features.read(paths.FEATURES_DIR, params, data, clf)
+        everything = np.arange(len(data.val_files))
+        first_view = np.zeros_like(everything)
+        pooled = stored.reader("val", "pooled").read(first_view, everything)
+        np.testing.assert_allclose(clf.feature_head().predict(pooled, verbose=0), plain,
+                                   atol=1e-6)
+        cut = stored.reader("val", "cut").read(first_view, everything)
+        assert cut.shape[1:] == (1, 1, 2080)  # block8_9's output at 75 px
+        on_cut = on_cut_activations(clf, stored.top).predict(cut, verbose=0)
+        np.testing.assert_allclose(on_cut, plain, atol=1e-6 if dtype == "float32" else 1e-3,
+                                   err_msg=dtype)
 
 
 def test_features_stage_says_its_size_and_refuses_above_its_budget(prepared_project):
