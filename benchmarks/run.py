@@ -623,16 +623,23 @@ def _dir_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
 
 
+def _registered_repo(work: Path, name: str, args) -> Path:
+    """A repository with a registered version: repro_export's when it ran in this bench,
+    else a tiny one trained just far enough (one head epoch) and registered."""
+    repo = work / "repro" / "repo"
+    if not (repo / "reports/register.json").is_file():
+        repo = _tiny_repo(work / name, args.per_class)
+        _run(["dvc", "exp", "run", "-S", f"model.image_size={args.size}", "-S",
+              "model.weights=null", "-S", "train.head_epochs=1", "-S",
+              "train.finetune_epochs=0", "register"], repo)
+    return repo
+
+
 def bench_serving(work: Path, args) -> dict:
     """The registered version as it deploys: the size of the environment made from its own
     requirements (uv, outside the project), the cold start of `mlflow models serve` (process
     start to first answer) and its throughput at 32 images per request."""
-    repo = work / "repro" / "repo"
-    if not (repo / "reports/register.json").is_file():
-        repo = _tiny_repo(work / "serving", args.per_class)
-        _run(["dvc", "exp", "run", "-S", f"model.image_size={args.size}", "-S",
-              "model.weights=null", "-S", "train.head_epochs=1", "-S",
-              "train.finetune_epochs=0", "register"], repo)
+    repo = _registered_repo(work, "serving", args)
     train = json.loads((repo / "reports/register.json").read_text())
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     model_uri = f"models:/{train['registered_model']}/{train['model_version']}"
@@ -663,12 +670,7 @@ def bench_status_cost(work: Path, args) -> dict:
     the probabilities alone against the same pass answering the pooled features too, with
     the selective scores and thresholds applied (the registered version's own pyfunc, on the
     test split's pixels, best of five)."""
-    repo = work / "repro" / "repo"
-    if not (repo / "reports/register.json").is_file():
-        repo = _tiny_repo(work / "status", args.per_class)
-        _run(["dvc", "exp", "run", "-S", f"model.image_size={args.size}", "-S",
-              "model.weights=null", "-S", "train.head_epochs=1", "-S",
-              "train.finetune_epochs=0", "register"], repo)
+    repo = _registered_repo(work, "status", args)
     import mlflow
     import pandas as pd
 
