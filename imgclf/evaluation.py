@@ -229,13 +229,11 @@ def selective_results(test, labels: np.ndarray, selective, keras_probs: np.ndarr
     return numbers, methods, curve, figures
 
 
-def evaluate_selective(test, labels: np.ndarray, keras_probs: np.ndarray,
+def evaluate_selective(selective, test, labels: np.ndarray, keras_probs: np.ndarray,
                        keras_features: np.ndarray, ood=None) -> tuple[dict, list, str]:
     """The status per image measured and written (`selective_results`, `write_selective`)
-    with the registered model's selective.npz: (numbers, artifact paths, printed lines)."""
-    from imgclf.model.selective import Selective
-
-    selective = Selective.load(paths.SELECTIVE)
+    with `selective`, the scores and thresholds the registered version carries: (numbers,
+    artifact paths, printed lines)."""
     numbers, methods, curve, figures = selective_results(test, labels, selective, keras_probs,
                                                          keras_features, ood)
     return (numbers, write_selective(methods, curve, figures),

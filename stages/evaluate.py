@@ -38,10 +38,12 @@ def main() -> None:
                                                           params, keras_probs)
         ood = (ev.served_ood(served, params.evaluate.ood_dir, len(classes),
                              params.evaluate.batch_size) if params.evaluate.ood_dir else None)
+        selective = served.unwrap_python_model().selective  # what the version carries
     summary, per_class, matrix, pairs, reliability = ev.test_results(
         answers.probs, labels, classes, trained.temperature)
-    flagged, flag_artifacts, flag_lines = ev.evaluate_selective(answers, labels, keras_probs,
-                                                                keras_features, ood)
+    flagged, flag_artifacts, flag_lines = ev.evaluate_selective(selective, answers, labels,
+                                                                keras_probs, keras_features,
+                                                                ood)
     summary.update(flagged)
     artifacts = ev.write_evaluation({**summary, **keras_summary}, per_class, matrix, pairs,
                                     reliability, answers.probs, files, labels, classes,
