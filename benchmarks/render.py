@@ -35,6 +35,13 @@ DESCRIPTIONS = {
     "served_status_cost_ratio": "the served TFLite copy's forward pass answering the "
     "probabilities alone / the same pass answering the pooled features too, with the "
     "selective scores and thresholds applied (the status per image): its cost as a factor",
+    "spark_vs_predict_images_per_s": "`imgclf spark-predict --master local[2]` / `imgclf "
+    "predict`, images/s of each whole command (start-up included) on the same folder and "
+    "registered version",
+    "spark_session_start_seconds": "a Spark session started and stopped in a fresh process "
+    "(the JVM's start-up)",
+    "clone_pull_and_repro_vs_full_run": "a second clone's `dvc pull` + `dvc repro` (nothing "
+    "to run) / the pipeline's run to evaluate in the first clone, same data and params",
     "pipeline_marginal_forward_passes": "what one more image costs the whole pipeline (every "
     "stage through DVC, at two dataset sizes), in forward passes: the slope of the total over "
     "the slope of one Keras forward pass over the same images",

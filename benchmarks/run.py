@@ -701,6 +701,58 @@ def bench_status_cost(work: Path, args) -> dict:
                             "forward_features_and_status_images_per_s": with_status}}
 
 
+def bench_spark(work: Path, args) -> dict:
+    """Batch scoring on Spark's local mode (`local[2]`, both cores) against `imgclf predict`
+    on the same folder and registered version, each in a fresh process timed whole; and
+    the JVM's start-up alone (a Spark session made and stopped)."""
+    repo = _registered_repo(work, "spark", args)
+    register = json.loads((repo / "reports/register.json").read_text())
+    model = f"models:/{register['registered_model']}/{register['model_version']}"
+    folder = repo / "data/raw"
+    images = len(list(folder.rglob("*.png")))
+    started = time.perf_counter()
+    _run([sys.executable, "-c", "from imgclf.tracking.spark import session; "
+          "session('local[2]').stop()"], repo)
+    jvm = time.perf_counter() - started
+    predict, _ = _timed(["imgclf", "predict", str(folder), "--model", model, "-o",
+                         str(work / "predict.csv")], repo)
+    spark, _ = _timed(["imgclf", "spark-predict", str(folder), "--model", model, "--master",
+                       "local[2]", "-o", str(work / "spark.parquet")], repo)
+    return {"spark_vs_predict_images_per_s": round(predict / spark, 3),
+            "spark_session_start_seconds": round(jvm, 1),
+            "spark": {"images": images, "image_size": args.size, "master": "local[2]",
+                      "predict_images_per_s": round(images / predict, 1),
+                      "spark_predict_images_per_s": round(images / spark, 1)}}
+
+
+def bench_team_remote(work: Path, args) -> dict:
+    """docs/team.md's second clone: the pipeline run through DVC in clone A, then in clone B
+    (cloned from A's bare origin, pulling A's files from a local-folder DVC remote) `dvc
+    pull` followed by the `dvc repro` that finds nothing to run."""
+    a = _tiny_repo(work / "team", args.per_class)
+    remote, origin, b = work / "team/remote", work / "team/origin.git", work / "team/b"
+    _run(["git", "init", "-q", "--bare", str(origin)], work)
+    _run(["dvc", "remote", "add", "-d", "shared", str(remote)], a)
+    _run(["git", "commit", "-qam", "remote"], a, GIT_ENV)
+    sets = ["-S", f"model.image_size={args.size}", "-S", "model.weights=null",
+            "-S", "augment.flip=none", "-S", "train.head_lr=0.01",
+            "-S", f"train.head_epochs={args.epochs}", "-S", "train.finetune_epochs=1"]
+    full, _ = _timed(["dvc", "exp", "run", *sets, "evaluate"], a)
+    _run(["git", "add", "-A"], a)
+    _run(["git", "commit", "-qm", "run"], a, GIT_ENV)
+    _run(["dvc", "push"], a)
+    _run(["git", "push", "-q", str(origin), "HEAD:main"], a)
+    _run(["git", "clone", "-q", "-b", "main", str(origin), str(b)], work)
+    pull, _ = _timed(["dvc", "pull"], b)
+    repro, _ = _timed(["dvc", "repro", "evaluate"], b)
+    return {"clone_pull_and_repro_vs_full_run": round((pull + repro) / full, 3),
+            "team_remote": {"images": len(list((a / "data/raw").rglob("*.png"))),
+                            "image_size": args.size, "full_run_seconds": round(full, 1),
+                            "dvc_pull_seconds": round(pull, 1),
+                            "noop_repro_seconds": round(repro, 1),
+                            "remote_mb": _dir_mb(remote)}}
+
+
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -822,6 +874,8 @@ BENCHES = {
     "repro_export": bench_repro_and_export,
     "serving": bench_serving,
     "status_cost": bench_status_cost,
+    "spark": bench_spark,
+    "team_remote": bench_team_remote,
     "pipeline_cost": bench_pipeline_cost,
     "finetune_ways": bench_finetune_ways,
 }

@@ -30,7 +30,7 @@ MAY_IMPORT = {
 SERVING_MAY_USE_OF_CORE = {"imgclf.data", "imgclf.data.images", "imgclf.model",
                            "imgclf.model.selective"}
 # Third-party libraries that belong to one adapter each.
-ONLY_IN = {"mlflow": {"tracking", "serving"}, "dvc": set()}
+ONLY_IN = {"mlflow": {"tracking", "serving"}, "dvc": set(), "pyspark": {"tracking"}}
 
 
 def _part(module: str) -> str:

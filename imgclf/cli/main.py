@@ -19,9 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("raw_dir", nargs="?", default="data/raw")
     demo.add_argument("--ood", metavar="FOLDER",
                       help="also write images of no digit there (for evaluate.ood_dir)")
-    from imgclf.cli import predict, registry
+    from imgclf.cli import predict, registry, spark_predict
 
     predict.add_parser(sub)
+    spark_predict.add_parser(sub)
     registry.add_parsers(sub)
     sub.add_parser("relog", help="send MLflow what a training kept on disk while the tracking "
                                  "server was lost (models/mlflow_pending.json)")
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         from imgclf.cli import predict
 
         return exits_cleanly(predict.run)(args)
+    if args.command == "spark-predict":
+        from imgclf.cli import spark_predict
+
+        return exits_cleanly(spark_predict.run)(args)
     if args.command in ("promote", "rollback", "models"):
         from imgclf.cli import registry
 

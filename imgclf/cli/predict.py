@@ -152,7 +152,7 @@ def run(args) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     import argparse
 
     try:
@@ -171,11 +171,12 @@ def add_parser(sub) -> None:
     p.add_argument("--model", metavar="MODEL",
                    help="default: models:/<mlflow.model_name>@production")
     p.add_argument("--output", "-o", metavar="FILE", help="CSV file (default: standard output)")
-    p.add_argument("--top-k", type=_positive, default=5, metavar="K", help="labels format: top K")
+    p.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                   help="labels format: top K")
     p.add_argument("--format", choices=("labels", "kaggle"), default="labels",
                    help="labels: path + top-k labels and probabilities; kaggle: id + one "
                         "probability column per class (the dog-breed submission format)")
-    p.add_argument("--batch-size", type=_positive, default=32, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     p.add_argument("--exact", action="store_true",
                    help="from the registry: the Keras model inside the registered version, "
                         "not the format it serves with (which agreed with it on >= 98%% of "

@@ -11,7 +11,9 @@ then empty). With the param `probabilities`, also `probabilities` (JSON list, on
 in `classes` order: what log loss and the Kaggle format need); with `scores`, `scores`
 (JSON: every out-of-distribution method's score, what evaluate compares them by). The param
 `tta` averages each image with its mirror image. A request with no readable image at all,
-or without an `image` column, is refused as a bad request (HTTP 400 when served).
+or without an `image` column, is refused as a bad request (HTTP 400 when served); with
+`reject_unreadable: false` (batch scoring, imgclf/tracking/spark.py) the former answers each
+row with its error instead.
 Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline,
 `selective.npz` (the scores and thresholds: imgclf/model/selective.py) and (with
 `mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests when it
@@ -121,7 +123,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 pixels.append(None)
                 errors.append(str(err))
         good = [i for i, p in enumerate(pixels) if p is not None]
-        if values and not good:
+        if values and not good and bool(params.get("reject_unreadable", True)):
             # Nothing usable at all: a bad request. Mixed batches answer per image instead,
             # so one broken upload does not cost the others their predictions.
             detail = "; ".join(f"image {i}: {e}" for i, e in enumerate(errors[:5]))

@@ -97,7 +97,8 @@ def serving_format(params: Params, package: PackageReport) -> str:
 
 
 SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
-                    ("tta", "boolean", False), ("scores", "boolean", False))
+                    ("tta", "boolean", False), ("scores", "boolean", False),
+                    ("reject_unreadable", "boolean", True))
 # The tag on the logged model and on the version naming what they hold (registration_key).
 KEY_TAG = "imgclf.registration"
 
