@@ -28,6 +28,8 @@ DESCRIPTIONS = {
     "model",
     "served_environment_mb": "the environment uv builds from a TFLite-served version's own "
     "`requirements.txt`",
+    "served_artifacts_mb": "what a deployment of that version downloads (its artifacts, as "
+    "`mlflow models serve` and `build-docker` fetch them)",
     "serve_cold_start_seconds": "`mlflow models serve` of the registered version, process "
     "start to its first answer",
     "serve_images_per_s_batch32": "images/s through that server, 32 base64 uploads a request, "
@@ -35,6 +37,10 @@ DESCRIPTIONS = {
     "served_status_cost_ratio": "the served TFLite copy's forward pass answering the "
     "probabilities alone / the same pass answering the pooled features too, with the "
     "selective scores and thresholds applied (the status per image): its cost as a factor",
+    "features_forward_passes_after_5pct_more_images": "the `features` stage after 5% more "
+    "images (the demo digits): image views through the base / image views it stores",
+    "features_seconds_after_5pct_more_vs_full": "that stage's time / a full run on the same "
+    "grown data (no stored features): its fixed part (TensorFlow, the base) is in both",
     "spark_vs_predict_images_per_s": "`imgclf spark-predict --master local[2]` / `imgclf "
     "predict`, images/s of each whole command (start-up included) on the same folder and "
     "registered version",

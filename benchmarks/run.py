@@ -397,7 +397,8 @@ def bench_repro_and_export(work: Path, args) -> dict:
     repo = _tiny_repo(work / "repro", args.per_class)
     sets = ["-S", f"model.image_size={args.size}", "-S", "model.weights=null",
             "-S", "augment.flip=none", "-S", "train.head_lr=0.01",
-            "-S", f"train.head_epochs={args.epochs}", "-S", "train.finetune_epochs=1"]
+            "-S", f"train.head_epochs={args.epochs}", "-S", "train.finetune_epochs=1",
+            "-S", "export.measure=true"]
     _run(["dvc", "exp", "run", *sets], repo)
     start = time.perf_counter()
     noop = _run(["dvc", "repro"], repo)
@@ -531,7 +532,6 @@ def bench_pipeline_cost(work: Path, args) -> dict:
     fixed = runs[small]["pipeline_seconds"] - slope * small
 
     repo = runs[large]["repo"]
-    export = json.loads((repo / "reports/export.json").read_text())
     _run(["git", "add", "-A"], repo, GIT_ENV)
     _run(["git", "commit", "-q", "-m", "baseline"], repo, GIT_ENV)
     before = _cache_mb(repo)
@@ -540,8 +540,12 @@ def bench_pipeline_cost(work: Path, args) -> dict:
     experiment_mb = _cache_mb(repo) - before
     ran = [line.split("'")[1] for line in log.read_text().splitlines()
            if line.startswith("Running stage")]
-    # The export levers beyond the defaults: full-integer int8, calibrated on training images.
-    _timed(["dvc", "exp", "run", "-S", "export.tflite=[dynamic,int8]", "export"], repo)
+    # The formats' speeds (export.measure, off in the timed runs above as by default), and
+    # the lever beyond the defaults: full-integer int8, calibrated on training images.
+    _timed(["dvc", "exp", "run", "-S", "export.measure=true", "export"], repo)
+    export = json.loads((repo / "reports/export.json").read_text())
+    _timed(["dvc", "exp", "run", "-S", "export.measure=true", "-S",
+            "export.tflite=[dynamic,int8]", "export"], repo)
     levers = json.loads((repo / "reports/export.json").read_text())["formats"]
     return {
         "pipeline_marginal_forward_passes": round(slope / forward_slope, 2),
@@ -637,8 +641,10 @@ def _registered_repo(work: Path, name: str, args) -> Path:
 
 def bench_serving(work: Path, args) -> dict:
     """The registered version as it deploys: the size of the environment made from its own
-    requirements (uv, outside the project), the cold start of `mlflow models serve` (process
-    start to first answer) and its throughput at 32 images per request."""
+    requirements (uv, outside the project) and of what the deployment downloads (the
+    version's artifacts, as `mlflow models serve` fetches them), the cold start of `mlflow
+    models serve` (process start to first answer) and its throughput at 32 images a
+    request."""
     repo = _registered_repo(work, "serving", args)
     train = json.loads((repo / "reports/register.json").read_text())
     uri = f"sqlite:///{repo / 'mlflow.db'}"
@@ -659,6 +665,7 @@ def bench_serving(work: Path, args) -> dict:
     files = [str(f) for f in sorted((repo / "data/raw").rglob("*.png"))[:32]]
     figures = serve_figures(model_uri, uri, files, repo)
     return {"served_environment_mb": _dir_mb(venv),
+            "served_artifacts_mb": _dir_mb(model_dir),
             "serve_cold_start_seconds": figures["cold_start_seconds"],
             "serve_images_per_s_batch32": figures["images_per_s_batch32"],
             "serving": {"format": config["format"], "image_size": config["image_size"],
@@ -699,6 +706,41 @@ def bench_status_cost(work: Path, args) -> dict:
                             "method": inner.selective.method,
                             "forward_probabilities_images_per_s": alone,
                             "forward_features_and_status_images_per_s": with_status}}
+
+
+def bench_feature_reuse(work: Path, args) -> dict:
+    """The features stage after the data grows by 5% (the demo digits, one in twenty held
+    back, then added): the share of the grown dataset's image views that went through the
+    base, and the stage's time against a full run on the same grown data (store removed)."""
+    root = work / "reuse"
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    _write_params(root, **{"model.image_size": args.size, "model.weights": None})
+    from imgclf.data.demo import write_digits
+
+    write_digits(root / "data/raw", size=96, limit_per_class=args.per_class)
+    held = work / "held"
+    for i, path in enumerate(sorted((root / "data/raw").rglob("*.png"))):
+        if i % 20 == 0:
+            target = held / path.relative_to(root / "data/raw")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+    _run([sys.executable, "-m", "stages.prepare"], root)
+    _run([sys.executable, "-m", "stages.features"], root)
+    for path in held.rglob("*.png"):
+        path.rename(root / "data/raw" / path.relative_to(held))
+    _run([sys.executable, "-m", "stages.prepare"], root)
+    grown, _ = _timed([sys.executable, "-m", "stages.features"], root)
+    meta = json.loads((root / "data/features/meta.json").read_text())
+    shutil.rmtree(root / "data/features")
+    full, _ = _timed([sys.executable, "-m", "stages.features"], root)
+    return {"features_forward_passes_after_5pct_more_images": round(
+                meta["computed_rows"] / meta["rows"], 3),
+            "features_seconds_after_5pct_more_vs_full": round(grown / full, 3),
+            "feature_reuse": {"image_size": args.size, "rows": meta["rows"],
+                              "computed_rows": meta["computed_rows"],
+                              "kept_rows": meta["kept_rows"],
+                              "grown_seconds": round(grown, 1), "full_seconds": round(full, 1)}}
 
 
 def bench_spark(work: Path, args) -> dict:
@@ -874,6 +916,7 @@ BENCHES = {
     "repro_export": bench_repro_and_export,
     "serving": bench_serving,
     "status_cost": bench_status_cost,
+    "feature_reuse": bench_feature_reuse,
     "spark": bench_spark,
     "team_remote": bench_team_remote,
     "pipeline_cost": bench_pipeline_cost,

@@ -123,6 +123,7 @@ class ExportParams(_Section):
     tflite: list[Literal["float32", "dynamic", "float16", "int8"]] = ["dynamic"]
     calibration_images: int = Field(100, ge=1)
     parity_images: int = Field(256, ge=1)
+    measure: bool = False
     bench_batch_size: int = Field(32, ge=1)
 
 

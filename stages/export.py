@@ -1,10 +1,11 @@
-"""DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity and speed.
+"""DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity (and speed).
 
 Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
 wrote: its SavedModel and TFLite serving copy ship as they are, and its Keras test
 probabilities are what every format is checked against. Writes models/export/ and
-reports/export.json (logged to the training run), with the registered version's serving
-costs (environment, cold start, throughput of `mlflow models serve`). Fails when the
+reports/export.json (logged to the training run); with export.measure, every format's speed
+and the registered version's serving costs (environment, cold start, throughput of
+`mlflow models serve`). Fails when the
 SavedModel (on a batch) or TFLite float32 (on up to export.parity_images test images) differs
 from Keras (top-1, or a probability by >1e-4), or the image-bytes signature agrees <99%.
 """
@@ -37,19 +38,25 @@ def main() -> None:
     report = export_all(params, model, classes, files, paths.SAVED_MODEL_DIR,
                         reference.read(files, package.weights_digest),
                         {package.serving_variant: paths.SERVING_COPY})
-    report["serving"] = registered_serving(registered, files, Path.cwd())
+    if params.export.measure:
+        report["serving"] = registered_serving(registered, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)
     runs.log_export(store.make_client(), registered.run_id, paths.EXPORT_REPORT,
                     report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
-          f"{report['speedup_vs_keras_predict']}x Keras predict at batch {report['batch_size']})")
+          + (f"{report['speedup_vs_keras_predict']}x Keras predict at batch "
+             f"{report['batch_size']})" if report["measured"] else
+             "the smallest that agrees; export.measure true times them)"))
     for name, fmt in report["formats"].items():
-        print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {fmt['latency_ms_batch1']:>9.1f} ms/img "
-              f"{fmt['images_per_s']:>8.1f} img/s  top-1 agreement {fmt['top1_agreement']:.4f}")
-    serving = report["serving"]
-    print(f"  served {serving['model']}: environment {serving['environment_mb']:.0f} MB, "
-          f"cold start {serving['cold_start_seconds']:.1f} s, "
-          f"{serving['images_per_s_batch32']:.1f} img/s at 32 a request")
+        timing = (f"{fmt['latency_ms_batch1']:>9.1f} ms/img {fmt['images_per_s']:>8.1f} img/s"
+                  if report["measured"] else "")
+        print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {timing}  top-1 agreement "
+              f"{fmt['top1_agreement']:.4f}")
+    if "serving" in report:
+        serving = report["serving"]
+        print(f"  served {serving['model']}: environment {serving['environment_mb']:.0f} MB, "
+              f"cold start {serving['cold_start_seconds']:.1f} s, "
+              f"{serving['images_per_s_batch32']:.1f} img/s at 32 a request")
 
 
 if __name__ == "__main__":

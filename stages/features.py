@@ -3,8 +3,9 @@
 Reads params sections features, model (image_size, resize, weights), train.unfreeze (where
 the frozen part ends) and augment (the extra views). Writes data/features/: the pooled
 features and the activations at the fine-tune cut, for train and val (see
-`imgclf.features`). An experiment that changes only training params leaves this stage, and
-so the base's forward pass, alone: DVC restores its output from its cache.
+`imgclf.features`), keeping the rows of every image it already holds under the same base,
+size, cut and views: new images alone go through the base. An experiment that changes only
+training params leaves this stage, and so the base's forward pass, alone.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ def main() -> None:
 
     weights = resolve_weights(params.model.weights)  # offline imagenet fails here, in seconds
     from imgclf import features
-    from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.data.manifests import read_classes, read_manifest, read_sha256
 
     classes = read_classes()
     classifier = build_classifier(params.model, len(classes), weights, seed=params.train.seed)
     meta = features.write(paths.FEATURES_DIR, classifier, params,
-                          read_manifest("train", classes)[0], read_manifest("val", classes)[0])
-    print(f"features: {paths.FEATURES_DIR} in {meta['seconds']:.1f} s")
+                          read_manifest("train", classes)[0], read_manifest("val", classes)[0],
+                          {split: read_sha256(split) for split in ("train", "val")})
+    print(f"features: {paths.FEATURES_DIR} in {meta['seconds']:.1f} s ({meta['computed_rows']} "
+          f"image views through the base, {meta['kept_rows']} kept from the last run)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
-"""The README walkthrough, end to end, in a temporary git + DVC repository.
+"""The README walkthrough, end to end, in a temporary git + DVC repository; and docs/team.md's
+second clone of it.
 
 Photos -> dvc add -> dvc repro -> two experiments (one through `mlflow run -e train`, one
 in a temporary copy) -> compare -> promote the better -> a promote of the worse refused ->
 rollback -> predict from @production (through `mlflow run -e predict`).
+
+The team's half, on the same run (its pipeline is the expensive part): the repository
+pushed to a bare git origin and a local-folder DVC remote (a real remote type: S3 or SSH
+differ only in `dvc remote add`), with its experiment; clone B pulls: nothing is stale,
+`dvc repro` runs nothing, a training experiment reruns `train` but never `features`, B's
+predictions are A's (from A's registered model through a shared store, and from the pulled
+files), and A's experiment shows in B.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -46,6 +55,7 @@ def test_readme_walkthrough(dvc_repo):
     assert "accuracy" in json.dumps(shown) and "n_test" in json.dumps(shown)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "baseline"], repo)
+    clone = share_and_clone(repo)
 
     # What does not change the training does not retrain: the preview's params and the
     # plotting code rerun the preview and evaluate (which draws the curves); the registered
@@ -86,6 +96,7 @@ def test_readme_walkthrough(dvc_repo):
     assert by_name["lr-high"].data.tags["mlflow.project.entryPoint"] == "train"
     assert "test_accuracy" in by_name["lr-high"].data.metrics
     assert "test_accuracy" in by_name["lr-low"].data.metrics  # evaluate ran in the temp copy
+    sh(["dvc", "exp", "push", "origin", "lr-low"], repo)
 
     versions = {v.run_id: str(v.version) for v in client.search_model_versions("name='imgclf'")}
     loss = {versions[by_name[n].info.run_id]: by_name[n].data.metrics["test_log_loss"]
@@ -127,3 +138,59 @@ def test_readme_walkthrough(dvc_repo):
     assert runs["predict-fox"].data.tags["imgclf.images"] == "7"
     artifacts = [a.path for a in client.list_artifacts(runs["predict-fox"].info.run_id)]
     assert artifacts == ["entry.csv"]
+
+    second_clone_works_from_the_remote(repo, clone, frame)
+
+
+def share_and_clone(repo: Path) -> Path:
+    """A's state pushed to a bare git origin and a local-folder DVC remote; B cloned from the
+    origin and pulled: nothing stale, nothing to run. B's folder."""
+    origin, remote, clone = repo.parent / "origin.git", repo.parent / "dvc-remote", \
+        repo.parent / "b"
+    sh(["git", "init", "-q", "--bare", "-b", "main", str(origin)], repo.parent)
+    sh(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
+    sh(["git", "commit", "-q", "-am", "the team's DVC remote"], repo)
+    sh(["dvc", "push"], repo)
+    sh(["git", "remote", "add", "origin", str(origin)], repo)
+    sh(["git", "push", "-q", "origin", "main"], repo)
+
+    sh(["git", "clone", "-q", str(origin), str(clone)], repo.parent)
+    started = time.monotonic()
+    # A ran the pipeline up to evaluate: B pulls that far (after a whole `dvc repro`, plain
+    # `dvc pull` and `dvc status` do).
+    sh(["dvc", "pull", "--with-deps", "evaluate"], clone)
+    assert json.loads(sh(["dvc", "status", "--with-deps", "evaluate", "--json"],
+                         clone).stdout) == {}
+    assert "Running stage" not in sh(["dvc", "repro", "evaluate"], clone).stdout
+    print(f"B: dvc pull + dvc status + dvc repro {time.monotonic() - started:.1f} s")
+    return clone
+
+
+def second_clone_works_from_the_remote(repo: Path, clone: Path, production: pd.DataFrame):
+    # A's registered model, through the store A logged to (a team tracking server's part).
+    shared = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    sh(["imgclf", "predict", "data/raw/fox", "-o", "shared.csv"], clone, env=shared)
+    assert pd.read_csv(clone / "shared.csv").equals(production)
+    # The pulled files alone: the Keras model of A's baseline, version 1 (its Keras model,
+    # which the version names by URI: an artifact of the run, downloaded for --exact).
+    sh(["imgclf", "predict", "data/raw/fox", "--model", "models:/imgclf/1", "--exact", "-o",
+        "v1.csv"], clone, env=shared)
+    sh(["imgclf", "predict", "data/raw/fox", "--model", "models/model.keras", "-o",
+        "pulled.csv"], clone)
+    pulled, v1 = pd.read_csv(clone / "pulled.csv"), pd.read_csv(clone / "v1.csv")
+    assert list(pulled["label_1"]) == list(v1["label_1"])
+    pd.testing.assert_frame_equal(pulled.filter(like="prob_"), v1.filter(like="prob_"),
+                                  atol=1e-5)
+
+    # A training experiment in B: `train` runs on A's stored features and what follows it
+    # is stale; the base's pass (`features`) and prepare never run.
+    tried = sh(["dvc", "exp", "run", "-n", "b-head-lr", "-S", "train.head_lr=0.003", "train"],
+               clone).stdout
+    assert "Running stage 'train'" in tried
+    assert "Running stage 'features'" not in tried and "Running stage 'prepare'" not in tried
+    stale = set(json.loads(sh(["dvc", "status", "--with-deps", "evaluate", "--json"],
+                              clone).stdout))
+    assert stale == {"selective", "package", "register", "evaluate"}, stale
+    sh(["dvc", "exp", "pull", "origin", "lr-low"], clone)
+    shown = json.dumps(json.loads(sh(["dvc", "exp", "show", "--json"], clone).stdout))
+    assert "lr-low" in shown and "b-head-lr" in shown

@@ -17,18 +17,10 @@ from imgclf.errors import UserError
 
 
 def run(args) -> int:
-    import shutil
-
-    if not shutil.which("java") and not __import__("os").environ.get("JAVA_HOME"):
-        raise UserError("Spark needs a Java runtime (17 or newer): install one (Debian: "
-                        "apt-get install default-jre-headless) or set JAVA_HOME")
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        raise UserError("pyspark is not installed: pip install -e '.[spark]'") from None
     from imgclf.params import configured_model_name
     from imgclf.tracking import spark
 
+    spark.require()
     model = args.model or f"models:/{configured_model_name()}@production"
     started = time.monotonic()
     session = spark.session(args.master)

@@ -47,6 +47,12 @@ def read_manifest(split: str, classes: list[str]) -> tuple[list[str], np.ndarray
     return frame["path"].tolist(), frame["label"].map(index).to_numpy(dtype=np.int32)
 
 
+def read_sha256(split: str) -> list[str]:
+    """The sha256 of each image file of one split, in manifest order (what `prepare` read)."""
+    frame = pd.read_csv(paths.manifest(split), dtype={"sha256": str}, keep_default_na=False)
+    return frame["sha256"].tolist()
+
+
 def evenly_spaced_indices(n: int, count: int) -> list[int]:
     """At most `count` of the indices 0..n-1, evenly spaced through them."""
     if n <= count:

@@ -233,11 +233,24 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
     return (round(float(same[counted].mean()), 6) if counted.any() else 1.0), int(counted.sum())
 
 
+def recommend(formats: dict[str, dict], exact: list[str]) -> str:
+    """The format to deploy: of the exact ones and the quantised ones that keep
+    QUANTISED_MIN_AGREEMENT, the fastest when timed (export.measure), else the smallest:
+    size is what is known without timings, it is what a deployment downloads, and on CPUs
+    the quantised copies also run faster."""
+    usable = exact + [n for n in formats if n.startswith("tflite_") and n not in exact
+                      and formats[n]["decided_top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
+    if all("images_per_s" in formats[n] for n in usable):
+        return max(usable, key=lambda n: formats[n]["images_per_s"])
+    return min(usable, key=lambda n: formats[n]["size_mb"])
+
+
 def export_all(params: Params, model, classes: list[str], files: list[str],
                saved_model: Path, keras_probs: np.ndarray,
                converted: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on (up to
-    `export.parity_images` of) the test files, with its size and speed; returns the report.
+    `export.parity_images` of) the test files, with its size (and with `export.measure`, its
+    speed); returns the report.
     `saved_model`: the model's SavedModel (register's), shipped as it is and the source of
     the TFLite variants; `keras_probs`: the Keras model's probabilities on every test file
     (register's, models/keras_test_probs.npz): the reference, not computed again;
@@ -276,17 +289,20 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
         # everywhere: one batch checks it (its image-bytes signature, which decodes in
         # TensorFlow, is checked on every parity image below).
         probs["saved_model"] = runners["saved_model"](first)
-        sample = first[:8]
+        sample, measure = first[:8], params.export.measure
+
+        def timed(runner) -> dict:  # every format timed on the same batch, or none
+            return speed(runner, sample, batch) if measure else {}
+
         formats: dict[str, dict] = {}
         keras_predict = Runner("keras_predict",
                                lambda x: model.predict(x, batch_size=len(x), verbose=0), 0)
         formats["keras"] = {"size_mb": round(paths.MODEL_FILE.stat().st_size / 1e6, 2),
-                            **speed(keras_predict, sample, batch), "top1_agreement": 1.0,
+                            **timed(keras_predict), "top1_agreement": 1.0,
                             "max_abs_diff": 0.0, "checked_images": len(files)}
         for name, runner in runners.items():
             checked = len(probs[name])
-            formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2),
-                             **speed(runner, sample, batch),
+            formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2), **timed(runner),
                              **parity(reference[:checked], probs[name]),
                              "checked_images": checked}
         exact = ["saved_model"] + (["tflite_float32"] if "tflite_float32" in formats else [])
@@ -300,15 +316,15 @@ def export_all(params: Params, model, classes: list[str], files: list[str],
             raise RuntimeError(f"export parity failed for the image-bytes signature: top-1 "
                                f"agreement {bytes_agreed} < {BYTES_MIN_AGREEMENT} on the "
                                f"{bytes_counted} test images that are no close call")
-        usable = exact + [n for n in formats if n.startswith("tflite_") and n not in exact
-                          and formats[n]["decided_top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
-        recommended = max(usable, key=lambda n: formats[n]["images_per_s"])
+        recommended = recommend(formats, exact)
         report = {
             "n_test": n_test, "parity_images": len(files), "image_size": size,
-            "resize": resize, "batch_size": batch,
+            "resize": resize, "measured": measure, "batch_size": batch if measure else None,
             "formats": formats, "recommended": recommended,
+            "recommended_by": "images_per_s" if measure else "size_mb",
             "speedup_vs_keras_predict": round(
-                formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2),
+                formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2)
+            if measure else None,
             "bytes_signature_top1_agreement": bytes_agreed,
             "bytes_signature_images_counted": bytes_counted,
         }

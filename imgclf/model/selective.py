@@ -110,11 +110,9 @@ class Selective:
         meta = {"method": self.method, "ood_threshold": self.ood_threshold,
                 "confidence_threshold": self.confidence_threshold,
                 "thresholds": self.thresholds, "notes": self.notes}
-        kernels, biases = self.arrays["head_kernels"], self.arrays["head_biases"]
         arrays = {k: v for k, v in self.arrays.items() if k not in ("head_kernels",
                                                                      "head_biases")}
-        arrays.update({f"head_kernel_{i}": k for i, k in enumerate(kernels)})
-        arrays.update({f"head_bias_{i}": b for i, b in enumerate(biases)})
+        arrays.update(pack_head(self.arrays["head_kernels"], self.arrays["head_biases"]))
         import json
 
         buffer = io.BytesIO()
@@ -127,13 +125,24 @@ class Selective:
 
         with np.load(path) as stored:
             meta = json.loads(str(stored["meta"]))
-            layers = sum(1 for k in stored.files if k.startswith("head_kernel_"))
             arrays = {k: stored[k] for k in stored.files
                       if k != "meta" and not k.startswith("head_")}
-            arrays["head_kernels"] = [stored[f"head_kernel_{i}"] for i in range(layers)]
-            arrays["head_biases"] = [stored[f"head_bias_{i}"] for i in range(layers)]
+            arrays["head_kernels"], arrays["head_biases"] = unpack_head(stored)
         return cls(meta["method"], meta["ood_threshold"], meta["confidence_threshold"],
                    meta["thresholds"], arrays, meta.get("notes", {}))
+
+
+def pack_head(kernels: list[np.ndarray], biases: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The head's dense layers as named arrays of one `.npz` (input to output)."""
+    return {**{f"head_kernel_{i}": k for i, k in enumerate(kernels)},
+            **{f"head_bias_{i}": b for i, b in enumerate(biases)}}
+
+
+def unpack_head(stored) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`pack_head`'s arrays back from a loaded `.npz`: (kernels, biases)."""
+    layers = sum(1 for k in stored.files if k.startswith("head_kernel_"))
+    return ([stored[f"head_kernel_{i}"] for i in range(layers)],
+            [stored[f"head_bias_{i}"] for i in range(layers)])
 
 
 def statuses(confidence: np.ndarray, score: np.ndarray, confidence_threshold: float | None,

@@ -14,11 +14,12 @@ in `classes` order: what log loss and the Kaggle format need); with `scores`, `s
 or without an `image` column, is refused as a bad request (HTTP 400 when served); with
 `reject_unreadable: false` (batch scoring, imgclf/tracking/spark.py) the former answers each
 row with its error instead.
-Inside: the `.keras` model, `classes.json`, the decode and resize rules of the pipeline,
-`selective.npz` (the scores and thresholds: imgclf/model/selective.py) and (with
-`mlflow.serving_format: auto`) the dynamic-range TFLite copy that answers requests when it
-agreed with Keras on enough validation images. The format answers probabilities and pooled
-features in one forward pass; the status is numpy on those.
+Inside: `classes.json`, the decode and resize rules of the pipeline, `selective.npz` (the
+scores and thresholds: imgclf/model/selective.py) and what answers requests: the
+dynamic-range TFLite copy (with `mlflow.serving_format: auto`, when it agreed with Keras on
+enough validation images), else the `.keras` model. A TFLite-served version names its Keras
+model by URI (an artifact of the training run) instead of carrying it. The format answers
+probabilities and pooled features in one forward pass; the status is numpy on those.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.image_size = int(config["image_size"])
         self.resize = config["resize"]
         self.max_pixels = int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
-        self._keras_path = context.artifacts["keras_model"]
+        # Served from Keras, the model is an artifact of the version; served from TFLite,
+        # an artifact of the training run, downloaded only when asked for.
+        self._keras_path = context.artifacts.get("keras_model")
+        self._keras_uri = config.get("keras_model_uri")
         self._model = None
         # A TFLite interpreter serves one call at a time; servers may call from threads.
         self._lock = threading.Lock()
@@ -78,11 +82,21 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     @property
     def model(self):
-        """The Keras model itself (loaded on first use when serving from TFLite)."""
+        """The Keras model itself (when serving from TFLite: downloaded from the training
+        run and loaded on first use; needs TensorFlow and the tracking store)."""
         if self._model is None:
-            import keras
+            import tempfile
 
-            self._model = keras.models.load_model(self._keras_path, safe_mode=True)
+            import keras
+            import mlflow.artifacts
+
+            if self._keras_path:
+                self._model = keras.models.load_model(self._keras_path, safe_mode=True)
+            else:
+                with tempfile.TemporaryDirectory(prefix="imgclf-keras-") as tmp:
+                    local = mlflow.artifacts.download_artifacts(artifact_uri=self._keras_uri,
+                                                                dst_path=tmp)
+                    self._model = keras.models.load_model(local, safe_mode=True)
         return self._model
 
     def keras_runner(self, source: str, tta: bool = False,

@@ -162,27 +162,45 @@ def _logged_model(client, run_id: str, key: str):
     return next((m for m in found if m.status == LoggedModelStatus.READY), None)
 
 
+KERAS_ARTIFACT = "keras"  # the run's artifact folder holding model.keras
+
+
+def _keras_artifact(run_id: str) -> str:
+    """The run's copy of models/model.keras, logged once per run (a run trains one model;
+    a second registration of it, or a rerun after a kill, finds it there); its URI."""
+    client = store.make_client()
+    size = paths.MODEL_FILE.stat().st_size
+    logged = {a.path: a.file_size for a in client.list_artifacts(run_id, KERAS_ARTIFACT)}
+    if logged.get(f"{KERAS_ARTIFACT}/{paths.MODEL_FILE.name}") != size:
+        client.log_artifact(run_id, str(paths.MODEL_FILE), artifact_path=KERAS_ARTIFACT)
+    return f"runs:/{run_id}/{KERAS_ARTIFACT}/{paths.MODEL_FILE.name}"
+
+
 def _log_model(run_id: str, params: Params, key: str, folder: Path,
                serving_format: str) -> str:
     """The pyfunc logged to the training run; its model URI (`models:/m-...`)."""
     import mlflow
     import pandas as pd
 
-    config = folder / "config.json"
-    config.write_text(json.dumps({"image_size": params.model.image_size,
-                                  "resize": params.model.resize,
-                                  "max_pixels": params.prepare.max_pixels,
-                                  "format": serving_format}))
+    config = {"image_size": params.model.image_size, "resize": params.model.resize,
+              "max_pixels": params.prepare.max_pixels, "format": serving_format}
+    if serving_format == "keras":
+        served = {"keras_model": str(paths.MODEL_FILE)}
+    else:
+        # What a deployment downloads is what it serves with: the TFLite copy. The Keras
+        # model (four times its size) stays an artifact of the run, fetched only by what
+        # needs it (`imgclf predict --exact`, evaluate with TTA).
+        served = {"tflite_model": str(paths.SERVING_COPY)}
+        config["keras_model_uri"] = _keras_artifact(run_id)
+    (folder / "config.json").write_text(json.dumps(config))
     code = serving_code(folder / "code")
-    extra = {"tflite_model": str(paths.SERVING_COPY)} if serving_format != "keras" else {}
     store.use_fluent()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code / "serving" / "model_code.py"),
-            artifacts={"keras_model": str(paths.MODEL_FILE),
-                       "classes": str(paths.CLASSES_JSON), "config": str(config),
-                       "selective": str(paths.SELECTIVE), **extra},
+            artifacts={"classes": str(paths.CLASSES_JSON), "config": str(folder / "config.json"),
+                       "selective": str(paths.SELECTIVE), **served},
             code_paths=[str(code)],
             signature=_signature(),
             input_example=pd.DataFrame({"image": [input_example(params)]}),

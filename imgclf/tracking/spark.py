@@ -26,6 +26,22 @@ RESULT_FIELDS = ("label", "confidence", "top_k", "status", "ood_score", "error")
 _IMAGE_PATH = r"(?i)\.(" + "|".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + r")$"
 
 
+def require() -> None:
+    """Spark's two prerequisites, as one clear message each: pyspark and a Java runtime."""
+    import os
+    import shutil
+
+    from imgclf.errors import UserError
+
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise UserError("pyspark is not installed: pip install -e '.[spark]'") from None
+    if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
+        raise UserError("Spark needs a Java runtime (17 or newer): install one (Debian: "
+                        "apt-get install default-jre-headless) or set JAVA_HOME")
+
+
 def session(master: str | None = None, app: str = "imgclf-score"):
     """A Spark session on `master`. None: the one spark-submit (or a notebook) configured,
     else Spark's local mode on every core."""
@@ -64,7 +80,8 @@ def score(spark, source: str, model_uri: str, top_k: int = 5, batch_size: int = 
     under `source`, computed where Spark runs it (lazily, until written or collected).
 
     `batch_size` images go to the model per call: the pyfunc holds a call's decoded pixels
-    at once, and Spark's default Arrow batch (10,000 rows) at 299 px would be ~10 GB.
+    at once, and Spark's default Arrow batch (ten thousand rows) of 299 px images would not
+    fit an executor's memory.
     """
     import mlflow.pyfunc
     from pyspark.sql import functions as F

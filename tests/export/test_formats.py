@@ -8,12 +8,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module
+from conftest import run_module, set_params
 
 from imgclf.metrics import decided
 
 
+def test_recommended_is_the_fastest_that_agrees_when_timed_else_the_smallest():
+    from imgclf.export.formats import recommend
+
+    formats = {"saved_model": {"size_mb": 220, "top1_agreement": 1.0},
+               "tflite_dynamic": {"size_mb": 56, "decided_top1_agreement": 0.99},
+               "tflite_int8": {"size_mb": 57, "decided_top1_agreement": 0.90}}
+    assert recommend(formats, ["saved_model"]) == "tflite_dynamic"
+    formats["tflite_int8"]["size_mb"] = 30  # smaller, but below the agreement gate
+    assert recommend(formats, ["saved_model"]) == "tflite_dynamic"
+    timed = {n: {**f, "images_per_s": s} for (n, f), s in zip(formats.items(), (9, 5, 20),
+                                                                   strict=True)}
+    assert recommend(timed, ["saved_model"]) == "saved_model"
+
+
 def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
+    # Timed too (export.measure): the speed table and the served version's costs.
+    set_params(trained_project, export__measure=True)
     result = run_module("stages.export", trained_project)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((trained_project / "reports/export.json").read_text())

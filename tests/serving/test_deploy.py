@@ -59,6 +59,9 @@ def test_registered_model_runs_in_a_fresh_venv_from_its_own_requirements(trained
         # LiteRT runs it: no TensorFlow (1.3 GB) in the deployment.
         assert not any(r.startswith(("tensorflow", "keras")) for r in requirements)
         assert any(r.startswith("ai-edge-litert==") for r in requirements)
+        # ... and it downloads what it serves with: the Keras model stays with the run.
+        assert (model_dir / "artifacts/model_dynamic.tflite").is_file()
+        assert not list(model_dir.rglob("*.keras"))
     # Only the serving code travels with the model, never training.
     code = {p.relative_to(model_dir / "code").as_posix()
             for p in (model_dir / "code").rglob("*.py")}
