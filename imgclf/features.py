@@ -228,8 +228,8 @@ def write(directory: Path, classifier, params: Params, train_files: list[str],
     kinds = {"pooled": ((plan.pooled_dim,), POOLED_DTYPE)}
     if split:
         kinds["cut"] = (plan.cut_shape, plan.cut_dtype)
-    print(f"features: {len(order):,} rows ({plan.bytes_per_row() * len(order) / 1e6:,.1f} "
-          f"MB): {len(new):,} through the base, {len(kept):,} kept"
+    print(f"features: storing {plan.bytes_per_row() * len(order) / 1e6:,.1f} MB, "
+          f"{len(order):,} rows: {len(new):,} through the base, {len(kept):,} kept"
           + ("" if kept else f" ({previous.reason})") + "; "
           + (f"activations below {params.train.unfreeze} "
              f"{'x'.join(map(str, plan.cut_shape))} {plan.cut_dtype} and " if split else "")

@@ -1,13 +1,10 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite variants, labels; parity (and speed).
 
 Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
-wrote: its SavedModel and TFLite serving copy ship as they are, and its Keras test
-probabilities are what every format is checked against. Writes models/export/ and
-reports/export.json (logged to the training run); with export.measure, every format's speed
-and the registered version's serving costs (environment, cold start, throughput of
-`mlflow models serve`). Fails when the
-SavedModel (on a batch) or TFLite float32 (on up to export.parity_images test images) differs
-from Keras (top-1, or a probability by >1e-4), or the image-bytes signature agrees <99%.
+wrote (its SavedModel and TFLite copy ship as they are; its Keras test probabilities are the
+reference). Writes models/export/ and reports/export.json (logged to the training run); with
+export.measure, every format's speed and the served version's costs (`mlflow models serve`).
+Fails when an exact format differs from Keras, or the image-bytes signature agrees <99%.
 """
 
 from __future__ import annotations

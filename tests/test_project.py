@@ -68,7 +68,8 @@ def test_dvc_yaml_names_the_paths_the_code_writes():
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in stages["prepare"]["outs"]}
     assert outs == {str(paths.PREPARED_DIR), str(paths.PREPARE_REPORT)}
     assert stages["prepare"]["params"] == ["data", "prepare", "split"]
-    assert stages["features"]["outs"] == [str(paths.FEATURES_DIR)]
+    # Persistent: the stage keeps the rows of the images it has already stored.
+    assert stages["features"]["outs"] == [{str(paths.FEATURES_DIR): {"persist": True}}]
     assert str(paths.FEATURES_DIR) in stages["train"]["deps"]
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import io
-from imgclf.model.selective import pack_head, unpack_head
 
 
 def _pooled_model(classifier, features, top):
@@ -63,7 +62,8 @@ def write(classifier, data, top, batch: int, path: Path) -> None:
         np.savez(handle, train_features=train.astype(np.float16),
                  train_labels=data.train_labels, val_features=val.astype(np.float32),
                  val_labels=data.val_labels, val_probs=val_probs.astype(np.float32),
-                 **pack_head(kernels, biases))
+                 **{f"head_kernel_{i}": k for i, k in enumerate(kernels)},
+                 **{f"head_bias_{i}": b for i, b in enumerate(biases)})
 
 
 def read(path: Path) -> dict:
@@ -72,5 +72,7 @@ def read(path: Path) -> dict:
     with np.load(path) as stored:
         out = {k: stored[k] for k in ("train_features", "train_labels", "val_features",
                                       "val_labels", "val_probs")}
-        out["kernels"], out["biases"] = unpack_head(stored)
+        layers = sum(1 for k in stored.files if k.startswith("head_kernel_"))
+        out["kernels"] = [stored[f"head_kernel_{i}"] for i in range(layers)]
+        out["biases"] = [stored[f"head_bias_{i}"] for i in range(layers)]
     return out
