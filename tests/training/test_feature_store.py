@@ -34,17 +34,22 @@ def _pooled_by_sha(project: Path) -> dict[str, np.ndarray]:
             if view == 0}
 
 
-def _unreadable(project: Path, shas: set[str]) -> dict[Path, bytes]:
-    """Every raw image with one of `shas` overwritten with garbage (its bytes returned): had
-    the base been run on one of them, the stage would fail to decode it."""
+def _features_without_reading(project: Path, shas: set[str]) -> dict:
+    """The features stage run while every raw image with one of `shas` holds garbage (its
+    bytes put back after): had the base been run on one of them, the stage would fail to
+    decode it. Its meta."""
     manifests = pd.concat([pd.read_csv(project / f"data/prepared/{s}.csv")
                            for s in ("train", "val", "test")])
     saved = {}
-    for path, sha in zip(manifests["path"], manifests["sha256"], strict=True):
-        if sha in shas:
-            saved[project / path] = (project / path).read_bytes()
-            (project / path).write_bytes(b"not an image any more")
-    return saved
+    try:
+        for path, sha in zip(manifests["path"], manifests["sha256"], strict=True):
+            if sha in shas:
+                saved[project / path] = (project / path).read_bytes()
+                (project / path).write_bytes(b"not an image any more")
+        return _run("stages.features", project)
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
 
 
 def test_the_base_runs_on_the_images_it_has_not_stored_only(prepared_project):
@@ -63,10 +68,7 @@ def test_the_base_runs_on_the_images_it_has_not_stored_only(prepared_project):
     _run("stages.prepare", project)
     from_test = _stored_shas(project) - stored
     assert len(from_test) <= 1
-    saved = _unreadable(project, stored)
-    relabelled = _run("stages.features", project)
-    for path, data in saved.items():
-        path.write_bytes(data)
+    relabelled = _features_without_reading(project, stored)
     assert relabelled["computed_rows"] == len(from_test)
     assert relabelled["kept_rows"] == len(_stored_shas(project) & stored)
 
@@ -78,10 +80,7 @@ def test_the_base_runs_on_the_images_it_has_not_stored_only(prepared_project):
     _run("stages.prepare", project)
     expected_new = _stored_shas(project) - stored
     assert expected_new
-    saved = _unreadable(project, stored)
-    grown = _run("stages.features", project)
-    for path, data in saved.items():
-        path.write_bytes(data)
+    grown = _features_without_reading(project, stored)
     assert grown["computed_rows"] == len(expected_new)
     assert grown["kept_rows"] == len(_stored_shas(project) & stored)
     after = _pooled_by_sha(project)
