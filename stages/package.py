@@ -25,13 +25,12 @@ def main() -> None:
 
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.export import formats, reference
-    from imgclf.serving.runners import keras_forward
 
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     size, resize = params.model.image_size, params.model.resize
     with io.replaced_dir(paths.SAVED_MODEL_DIR) as staging:
-        formats.write_saved_model(model, read_classes(), size, resize, staging)
-    forward = keras_forward(model)  # traced once: the serving check and the test split
+        # The export's traced graph runs the serving check and the test split: one trace.
+        forward = formats.write_saved_model(model, read_classes(), size, resize, staging)
     with io.replacing(paths.SERVING_COPY) as tmp:
         agreement, checked = formats.serving_copy(params, lambda x: forward(x)[0],
                                                   paths.SAVED_MODEL_DIR, tmp)

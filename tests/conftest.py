@@ -150,22 +150,41 @@ TINY = {  # the shrunk real run every training test starts from
 }
 
 
+TINY_CLASSES = {"alpha": 7, "beta": 7, "gamma": 7}
+
+
 @pytest.fixture
 def prepared_project(project) -> Path:
     """A project with 3 classes x 7 images prepared, and params shrunk for speed."""
-    make_class_folders(project / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
+    make_class_folders(project / "data/raw", TINY_CLASSES)
     set_params(project, **TINY)
     result = run_module("stages.prepare", project)
     assert result.returncode == 0, result.stderr
     return project
 
 
+@pytest.fixture(scope="session")
+def _tiny_template(tmp_path_factory) -> Path:
+    """`prepared_project` with its features stored, made once per xdist worker: the features
+    stage (a TensorFlow start-up and the base over every image) is the same for every test
+    that trains on it, and a copy costs a fraction of a second. Its manifests and store name
+    the images by relative path, so a copy is a project of its own."""
+    root = tmp_path_factory.mktemp("tiny_template")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    make_class_folders(root / "data/raw", TINY_CLASSES)
+    set_params(root, **TINY)
+    for module in ("stages.prepare", "stages.features"):
+        result = run_module(module, root)
+        assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
+    return root
+
+
 @pytest.fixture
-def tiny_project(prepared_project) -> Path:
-    """`prepared_project` with its features stored (the features stage), ready to train."""
-    result = run_module("stages.features", prepared_project)
-    assert result.returncode == 0, result.stderr
-    return prepared_project
+def tiny_project(project, _tiny_template) -> Path:
+    """A project like `prepared_project` with its features stored (the features stage), ready
+    to train: a copy of one made once per worker."""
+    shutil.copytree(_tiny_template, project, dirs_exist_ok=True)
+    return project
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +209,7 @@ LONGEST = ("test_readme_walkthrough", "test_team_server_with_auth",
 
 # Fixtures that run pipeline stages: a test using one is not a fast unit test.
 PROJECT_FIXTURES = {"trained_project", "tiny_project", "prepared_project", "dvc_repo",
-                    "digits_project"}
+                    "digits_project", "_tiny_template"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
@@ -249,7 +268,7 @@ def trained_project(tmp_path_factory) -> Path:
                         "not grouping its tests (see the pytest pin in pyproject.toml)")
     root = tmp_path_factory.mktemp("trained")
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    make_class_folders(root / "data/raw", {"alpha": 7, "beta": 7, "gamma": 7})
+    make_class_folders(root / "data/raw", TINY_CLASSES)
     write_scenes(root / OOD_DIR, 12, offset=500)
     set_params(root, **TINY, export__tflite=["float32", "dynamic", "int8"],
                evaluate__ood_dir=OOD_DIR)

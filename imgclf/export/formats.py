@@ -90,9 +90,12 @@ def _tf_decode_rgb(data):
     return color * alpha + 255.0 * (1.0 - alpha)
 
 
-def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path) -> None:
+def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path):
     """The SavedModel of `model` at `path`: `serving_default` (image bytes in) and
-    `predict_pixels` (float pixels 0-255 in, what `write_tflite` converts)."""
+    `predict_pixels` (float pixels 0-255 in, what `write_tflite` converts). Returns the
+    pixels signature's traced function as a Forward (batch -> probabilities, pooled
+    features): the Keras model's own graph, already traced for the export, so a caller
+    that also runs the model in this process pays no second trace."""
     import keras
     import tensorflow as tf
 
@@ -128,6 +131,12 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     archive.add_endpoint("serving_default", serve_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     archive.write_out(str(path), verbose=False)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = predict_pixels(tf.constant(batch, tf.float32))
+        return out["probabilities"].numpy(), out["features"].numpy()
+
+    return run
 
 
 def write_tflite(saved_model: Path, variants: dict[str, Path],

@@ -77,7 +77,7 @@ def test_labels_format_from_the_registry(trained_project, tmp_path):
 
 def test_nothing_readable_exits_nonzero_and_bad_model_exits_2(trained_project, tmp_path):
     bad = write(tmp_path / "a.png", b"")
-    result = imgclf(trained_project, "predict", str(bad), "--model", "models/model.keras")
+    result = imgclf(trained_project, "predict", str(bad), "--model", "models:/imgclf/1")
     assert result.returncode == 1
     assert "empty_file" in result.stderr and "none of the files" in result.stderr
     result = imgclf(trained_project, "predict", str(bad), "--model", "models:/nope@production")
@@ -98,7 +98,8 @@ def test_predict_a_folder_outside_the_project_given_with_dot_dot(trained_project
     write(photos / ".hidden.png", b"")  # hidden inside the folder: still skipped
     rel = os.path.relpath(photos, trained_project)
     assert rel.startswith("..")
-    result = imgclf(trained_project, "predict", rel, "--model", "models/model.keras")
+    # The served version (no TensorFlow to start): the paths are the CLI's, not the model's.
+    result = imgclf(trained_project, "predict", rel, "--model", "models:/imgclf/1")
     assert result.returncode == 0, result.stderr[-2000:]
     frame = pd.read_csv(pd.io.common.StringIO(result.stdout))
     assert len(frame) == 3 and all(p.startswith("..") for p in frame["path"])
