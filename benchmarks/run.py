@@ -774,8 +774,11 @@ def bench_team_remote(work: Path, args) -> dict:
     a = _tiny_repo(work / "team", args.per_class)
     remote, origin, b = work / "team/remote", work / "team/origin.git", work / "team/b"
     _run(["git", "init", "-q", "--bare", str(origin)], work)
+    # The README's step 2: the images versioned by DVC, so that B pulls them too.
+    _run(["dvc", "add", "data/raw"], a)
     _run(["dvc", "remote", "add", "-d", "shared", str(remote)], a)
-    _run(["git", "commit", "-qam", "remote"], a, GIT_ENV)
+    _run(["git", "add", "-A"], a)
+    _run(["git", "commit", "-qm", "data and remote"], a, GIT_ENV)
     sets = ["-S", f"model.image_size={args.size}", "-S", "model.weights=null",
             "-S", "augment.flip=none", "-S", "train.head_lr=0.01",
             "-S", f"train.head_epochs={args.epochs}", "-S", "train.finetune_epochs=1"]
