@@ -153,13 +153,26 @@ TINY = {  # the shrunk real run every training test starts from
 TINY_CLASSES = {"alpha": 7, "beta": 7, "gamma": 7}
 
 
+def tiny_data(root: Path, **overrides) -> None:
+    """The tiny project's images (TINY_CLASSES) in root/data/raw and its params.yaml: the
+    project's own with TINY and `overrides` applied."""
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    make_class_folders(root / "data/raw", TINY_CLASSES)
+    set_params(root, **TINY, **overrides)
+
+
+def run_stages(root: Path, *modules: str) -> None:
+    """Each stage module in `root`, in order; the first that fails fails the caller."""
+    for module in modules:
+        result = run_module(module, root)
+        assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
+
+
 @pytest.fixture
 def prepared_project(project) -> Path:
     """A project with 3 classes x 7 images prepared, and params shrunk for speed."""
-    make_class_folders(project / "data/raw", TINY_CLASSES)
-    set_params(project, **TINY)
-    result = run_module("stages.prepare", project)
-    assert result.returncode == 0, result.stderr
+    tiny_data(project)
+    run_stages(project, "stages.prepare")
     return project
 
 
@@ -170,12 +183,8 @@ def _tiny_template(tmp_path_factory) -> Path:
     that trains on it, and a copy costs a fraction of a second. Its manifests and store name
     the images by relative path, so a copy is a project of its own."""
     root = tmp_path_factory.mktemp("tiny_template")
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    make_class_folders(root / "data/raw", TINY_CLASSES)
-    set_params(root, **TINY)
-    for module in ("stages.prepare", "stages.features"):
-        result = run_module(module, root)
-        assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
+    tiny_data(root)
+    run_stages(root, "stages.prepare", "stages.features")
     return root
 
 
@@ -267,18 +276,12 @@ def trained_project(tmp_path_factory) -> Path:
             pytest.fail("a second xdist worker builds trained_project: `--dist loadgroup` is "
                         "not grouping its tests (see the pytest pin in pyproject.toml)")
     root = tmp_path_factory.mktemp("trained")
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    make_class_folders(root / "data/raw", TINY_CLASSES)
+    tiny_data(root, export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR)
     write_scenes(root / OOD_DIR, 12, offset=500)
-    set_params(root, **TINY, export__tflite=["float32", "dynamic", "int8"],
-               evaluate__ood_dir=OOD_DIR)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:
-        for module in ("stages.prepare", "stages.augment_preview", "stages.features",
-                       "stages.train", "stages.selective", "stages.package",
-                       "stages.register"):
-            result = run_module(module, root)
-            assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
+        run_stages(root, "stages.prepare", "stages.augment_preview", "stages.features",
+                   "stages.train", "stages.selective", "stages.package", "stages.register")
     finally:
         os.environ.update(saved)
     return root
