@@ -18,10 +18,13 @@ install: $(STAMP)
 
 # uv installs the lock several times faster than pip (docs/development.md); pip installs uv
 # itself, at the version the lock pins, so the lock stays the one source of versions.
+# --compile-bytecode: uv, unlike pip, writes no .pyc by default; where PYTHONDONTWRITEBYTECODE
+# is set (as in many Docker images and CI machines) every stage would then compile TensorFlow's
+# and MLflow's sources again on each start.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$$(grep '^uv==' requirements.lock)"
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 

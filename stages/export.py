@@ -17,12 +17,16 @@ from imgclf.params import load_params
 from imgclf.stage_reports import PackageReport, RegisterReport
 
 
+def load_keras():
+    import keras
+
+    return keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
+
+
 @exits_cleanly
 def main() -> None:
     params = load_params()
     package, registered = PackageReport.read(), RegisterReport.read()
-    import keras
-
     from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.export import reference
     from imgclf.export.formats import export_all
@@ -31,8 +35,7 @@ def main() -> None:
 
     classes = read_classes()
     files, _ = read_manifest("test", classes)
-    model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
-    report = export_all(params, model, classes, files, paths.SAVED_MODEL_DIR,
+    report = export_all(params, load_keras, classes, files, paths.SAVED_MODEL_DIR,
                         reference.read(files, package.weights_digest),
                         {package.serving_variant: paths.SERVING_COPY})
     if params.export.measure:
