@@ -17,12 +17,6 @@ from imgclf.params import load_params
 from imgclf.stage_reports import PackageReport, RegisterReport
 
 
-def load_keras():
-    import keras
-
-    return keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
-
-
 @exits_cleanly
 def main() -> None:
     params = load_params()
@@ -35,7 +29,7 @@ def main() -> None:
 
     classes = read_classes()
     files, _ = read_manifest("test", classes)
-    report = export_all(params, load_keras, classes, files, paths.SAVED_MODEL_DIR,
+    report = export_all(params, paths.MODEL_FILE, classes, files, paths.SAVED_MODEL_DIR,
                         reference.read(files, package.weights_digest),
                         {package.serving_variant: paths.SERVING_COPY})
     if params.export.measure:

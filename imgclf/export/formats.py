@@ -254,14 +254,14 @@ def recommend(formats: dict[str, dict], exact: list[str]) -> str:
     return min(usable, key=lambda n: formats[n]["size_mb"])
 
 
-def export_all(params: Params, load_keras, classes: list[str], files: list[str],
+def export_all(params: Params, keras_file: Path, classes: list[str], files: list[str],
                saved_model: Path, keras_probs: np.ndarray,
                converted: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on (up to
     `export.parity_images` of) the test files, with its size (and with `export.measure`, its
     speed); returns the report.
-    `load_keras`: returns the Keras model; called only when `export.measure` times it (the
-    parity reference is `keras_probs`, so an unmeasured export never loads it);
+    `keras_file`: the Keras model, loaded only when `export.measure` times it (the parity
+    reference is `keras_probs`, so an unmeasured export never loads it);
     `saved_model`: the model's SavedModel (register's), shipped as it is and the source of
     the TFLite variants; `keras_probs`: the Keras model's probabilities on every test file
     (register's, models/keras_test_probs.npz): the reference, not computed again;
@@ -308,10 +308,12 @@ def export_all(params: Params, load_keras, classes: list[str], files: list[str],
         formats: dict[str, dict] = {}
         keras_timing = {}
         if measure:
-            model = load_keras()
+            import keras
+
+            model = keras.models.load_model(keras_file, safe_mode=True)
             keras_timing = timed(Runner(
                 "keras_predict", lambda x: model.predict(x, batch_size=len(x), verbose=0), 0))
-        formats["keras"] = {"size_mb": round(paths.MODEL_FILE.stat().st_size / 1e6, 2),
+        formats["keras"] = {"size_mb": round(keras_file.stat().st_size / 1e6, 2),
                             **keras_timing, "top1_agreement": 1.0,
                             "max_abs_diff": 0.0, "checked_images": len(files)}
         for name, runner in runners.items():
