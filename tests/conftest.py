@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from stage_server import StageServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,10 +96,21 @@ def free_ports(n: int = 1) -> list[int]:
             s.close()
 
 
+_STAGES = StageServer(ROOT)
+
+
 def run_module(module: str, cwd: Path, *args: str, timeout: int = 600):
+    """`python -m module args` in `cwd`, as a completed process; forked from this worker's
+    stage server (TensorFlow imported once: tests/stage_server.py) where it can be."""
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    if _STAGES.usable_for(env):
+        return _STAGES.run(module, cwd, args, env, timeout)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=timeout, env=env)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _STAGES.close()
 
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
