@@ -623,6 +623,43 @@ def bench_finetune_ways(work: Path, args) -> dict:
                               "finetune_epochs": args.finetune_epochs}}
 
 
+def bench_served_formats(work: Path, args) -> dict:
+    """Every format the registered model may serve with, and export's others, at
+    `--formats-size` px against Keras `predict`, side by side in one run (the export stage's
+    own table, `export.measure`): images/s at export.bench_batch_size, decided top-1
+    agreement with Keras on the test split, what OpenVINO computed in; and the format
+    `mlflow.serving_format: auto` chose in register on this machine. The model is the demo
+    digits trained with the demo's head settings (`--formats-per-class` a class): on a
+    random-init model every answer is a near-tie and agreement says nothing."""
+    size = args.formats_size
+    root = _digits_project(work / "formats", args.formats_per_class)
+    _write_params(root, **{"model.image_size": size, "model.weights": None,
+                           "augment.flip": "none", "train.head_lr": 0.01,
+                           "train.head_epochs": 15, "train.finetune_epochs": 0,
+                           "export.measure": True, "export.tflite": ["dynamic", "int8"]})
+    for stage in ("features", "train", "selective", "package", "register", "export"):
+        _run([sys.executable, "-m", f"stages.{stage}"], root)
+    export = json.loads((root / "reports/export.json").read_text())
+    package = json.loads((root / "reports/package.json").read_text())
+    register = json.loads((root / "reports/register.json").read_text())
+    keras = export["formats"]["keras"]["images_per_s"]
+    formats = {n: {"images_per_s": f["images_per_s"],
+                   "speedup_vs_keras_predict": round(f["images_per_s"] / keras, 2),
+                   "top1_agreement": f["top1_agreement"],
+                   "decided_top1_agreement": f.get("decided_top1_agreement"),
+                   "decided_images": f.get("decided_images"),
+                   "precision": package["candidates"].get(n, {}).get("precision")}
+               for n, f in export["formats"].items()}
+    return {f"served_speedup_{size}": {n: f["speedup_vs_keras_predict"]
+                                       for n, f in formats.items() if n != "keras"},
+            f"served_format_auto_{size}": register["serving_format"],
+            f"served_formats_{size}": {"formats": formats,
+                                       "batch_size": export["batch_size"],
+                                       "test_images": export["parity_images"],
+                                       "auto": {"chose": register["serving_format"],
+                                                "images_per_s": register["serving_speeds"]}}}
+
+
 def _dir_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
 
@@ -925,6 +962,7 @@ BENCHES = {
     "team_remote": bench_team_remote,
     "pipeline_cost": bench_pipeline_cost,
     "finetune_ways": bench_finetune_ways,
+    "served_formats": bench_served_formats,
 }
 
 
@@ -965,6 +1003,10 @@ def main() -> None:
                         help="the two dataset sizes of the pipeline's cost")
     parser.add_argument("--finetune-epochs", type=int, default=5,
                         help="fine-tune epochs of the stored-vs-images comparison")
+    parser.add_argument("--formats-size", type=int, default=299,
+                        help="image size of the served formats' comparison")
+    parser.add_argument("--formats-per-class", type=int, default=30,
+                        help="digits per class of the served formats' comparison")
     parser.add_argument("--output", default=str(ROOT / "reports/bench.json"))
     parser.add_argument("--frozen-way", choices=("plain", "cached"), help=argparse.SUPPRESS)
     args = parser.parse_args()

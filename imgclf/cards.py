@@ -63,7 +63,7 @@ def _selective_section(chosen: SelectiveReport, evaluation: dict | None) -> list
 
 def model_card(params: Params, data_version: str, prepare: dict, train: TrainReport,
                evaluation: dict | None = None, served_format: str | None = None,
-               selective: SelectiveReport | None = None) -> str:
+               selective: SelectiveReport | None = None, serving_reason: str = "") -> str:
     """Markdown. `prepare`: reports/prepare.json; `evaluation`: reports/metrics.json once
     evaluate has run."""
     flat = params.flat()
@@ -106,6 +106,9 @@ def model_card(params: Params, data_version: str, prepare: dict, train: TrainRep
         lines.append("None (`train.calibrate: false`): probabilities are the network's own.")
     if selective is not None:
         lines += _selective_section(selective, evaluation)
+    if served_format is not None:
+        lines += ["", "## Serving", f"Computes with `{served_format}`"
+                  + (f": {serving_reason}." if serving_reason else ".")]
     lines += ["", "## Test split (held out: never used for training or model choice)"]
     if evaluation is None:
         lines.append("Not evaluated yet: the evaluate stage writes this section.")

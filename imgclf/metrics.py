@@ -95,6 +95,9 @@ def errors_table(probs: np.ndarray, labels: np.ndarray, files: list[str],
 # Round-off (another decoder, quantised weights) may flip it without being wrong, and a
 # random-init model (tests, the demo) answers almost every image with one.
 CLOSE_CALL_MARGIN = 0.02
+# The gate a quantised (or reduced-precision) copy passes to serve or be recommended: its
+# decided top-1 agreement with Keras.
+QUANTISED_MIN_AGREEMENT = 0.98
 
 
 def decided(reference: np.ndarray, margin: float = CLOSE_CALL_MARGIN) -> np.ndarray:

@@ -119,6 +119,11 @@ class EvaluateParams(_Section):
     ood_dir: str | None = None
 
 
+class PackageParams(_Section):
+    openvino: list[Literal["float", "int8"]] = ["float", "int8"]
+    calibration_images: int = Field(100, ge=1, le=1000)
+
+
 class ExportParams(_Section):
     tflite: list[Literal["float32", "dynamic", "float16", "int8"]] = ["dynamic"]
     calibration_images: int = Field(100, ge=1)
@@ -130,7 +135,8 @@ class ExportParams(_Section):
 class MlflowParams(_Section):
     experiment: str = Field("imgclf", min_length=1)
     model_name: str = Field("imgclf", min_length=1)
-    serving_format: Literal["auto", "keras"] = "auto"
+    serving_format: Literal["auto", "keras", "tflite_dynamic", "openvino",
+                            "openvino_int8"] = "auto"
 
 
 class Params(_Section):
@@ -143,6 +149,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     selective: SelectiveParams = SelectiveParams()
     evaluate: EvaluateParams = EvaluateParams()
+    package: PackageParams = PackageParams()
     export: ExportParams = ExportParams()
     mlflow: MlflowParams = MlflowParams()
 

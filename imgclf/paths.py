@@ -18,11 +18,16 @@ AUGMENT_PREVIEW = REPORTS_DIR / "augment_preview.png"
 FEATURES_DIR = Path("data/features")
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
-# The package stage's deployable files, written once: the SavedModel (what every TFLite copy
-# is converted from, and what export ships), the TFLite serving copy and the Keras model's
-# test-split probabilities, what evaluate and export compare every format with.
+# The package stage's deployable files, written once: the SavedModel (what every TFLite and
+# OpenVINO copy is converted from, and what export ships), the serving candidates and the
+# Keras model's test-split probabilities, what evaluate and export compare every format with.
 SAVED_MODEL_DIR = MODELS_DIR / "saved_model"
 SERVING_COPY = MODELS_DIR / "model_dynamic.tflite"
+# The OpenVINO serving candidates (package.openvino), a folder each (model.xml + model.bin).
+OPENVINO_DIR = MODELS_DIR / "openvino"
+# Every format the registered model may serve with, and where package wrote it.
+SERVING_FORMATS = {"tflite_dynamic": SERVING_COPY, "openvino": OPENVINO_DIR / "float",
+                   "openvino_int8": OPENVINO_DIR / "int8"}
 KERAS_TEST_PROBS = MODELS_DIR / "keras_test_probs.npz"
 PACKAGE_REPORT = REPORTS_DIR / "package.json"
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"

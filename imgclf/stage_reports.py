@@ -71,10 +71,14 @@ class PackageReport(StageReport):
     STAGE: ClassVar[str] = "package"
 
     weights_digest: str           # of the model they were made from
-    serving_variant: str          # the TFLite serving copy's variant (paths.SERVING_COPY)
-    serving_top1_agreement: float  # its decided top-1 agreement with Keras on validation
-    serving_checked_images: int   # how many validation images that was counted on
-    serving_agrees: bool          # the agreement reaches the gate: it may serve
+    # The serving candidates (paths.SERVING_FORMATS), by format: top1_agreement (decided,
+    # with Keras on validation), checked_images, agrees (reaches the gate: it may serve),
+    # size_mb, precision (what the engine computed in, where it chooses)
+    candidates: dict
+
+    def passing(self) -> list[str]:
+        """The candidates that may serve."""
+        return [fmt for fmt, c in self.candidates.items() if c["agrees"]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,10 @@ class RegisterReport(StageReport):
     serving_format: str
     registration_key: str
     weights_digest: str
+    serving_reason: str = ""      # why it serves with that format (the model card says it too)
+    # images/s of each candidate that agrees, timed on this machine when `auto` chose
+    # between several (empty otherwise, and when a rerun found the version registered)
+    serving_speeds: dict = dataclasses.field(default_factory=dict)
 
     @property
     def version_uri(self) -> str:

@@ -49,7 +49,7 @@ def main() -> None:
                                     reliability, answers.probs, files, labels, classes,
                                     params.model.image_size, params.model.resize)
     card = model_card(params, data_version(), io.read_json(paths.PREPARE_REPORT), trained,
-                      {**summary, **keras_summary}, fmt, chosen)
+                      {**summary, **keras_summary}, fmt, chosen, registered.serving_reason)
     runs.log_evaluation(store.make_client(), registered, summary, keras_summary, fmt,
                         artifacts + flag_artifacts, card, ev.training_pictures())
     print(ev.evaluation_lines(uri, fmt, summary, keras_summary, pairs, params.evaluate.tta))

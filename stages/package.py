@@ -1,12 +1,13 @@
 """DVC stage `package`: the trained model's deployable files, written once.
 
-Reads params model (image_size, resize), prepare.max_pixels. Writes models/saved_model/
-(image bytes or pixels in: what every TFLite copy is converted from, and what export ships),
-models/model_dynamic.tflite (the serving copy, with its agreement with Keras on validation
-images), models/keras_test_probs.npz (the Keras model's test-split probabilities and pooled
-features, what evaluate and export compare with instead of running Keras again) and
-reports/package.json. Every format answers the probabilities and the pooled features from
-one forward pass (what the selective scores read).
+Reads params package, model (image_size, resize), prepare.max_pixels. Writes
+models/saved_model/ (image bytes or pixels in: what every other copy is converted from, and
+what export ships), the serving candidates register chooses from, each with its agreement
+with Keras on validation images: models/model_dynamic.tflite and models/openvino/ (float,
+int8, as package.openvino names), models/keras_test_probs.npz (the Keras model's test-split
+probabilities and pooled features, what evaluate and export compare with instead of running
+Keras again) and reports/package.json. Every format answers the probabilities and the
+pooled features from one forward pass (what the selective scores read).
 """
 
 from __future__ import annotations
@@ -31,18 +32,19 @@ def main() -> None:
     with io.replaced_dir(paths.SAVED_MODEL_DIR) as staging:
         # The export's traced graph runs the serving check and the test split: one trace.
         forward = formats.write_saved_model(model, read_classes(), size, resize, staging)
-    with io.replacing(paths.SERVING_COPY) as tmp:
-        agreement, checked = formats.serving_copy(params, lambda x: forward(x)[0],
-                                                  paths.SAVED_MODEL_DIR, tmp)
+    # Every candidate checked through the SavedModel's traced graph: the Keras model's answers.
+    candidates = formats.serving_candidates(params, lambda x: forward(x)[0],
+                                            paths.SAVED_MODEL_DIR)
     reference.write(forward, read_manifest("test", read_classes())[0], size, resize,
                     params.prepare.max_pixels, trained.weights_digest)
-    report = PackageReport(weights_digest=trained.weights_digest,
-                           serving_variant=formats.SERVING_VARIANT,
-                           serving_top1_agreement=agreement, serving_checked_images=checked,
-                           serving_agrees=agreement >= formats.QUANTISED_MIN_AGREEMENT)
-    report.write()
-    print(f"package: {paths.SAVED_MODEL_DIR}, {paths.SERVING_COPY} (top-1 agreement with "
-          f"Keras {agreement:.1%} on {checked} validation images), {paths.KERAS_TEST_PROBS}")
+    PackageReport(weights_digest=trained.weights_digest, candidates=candidates).write()
+    print(f"package: {paths.SAVED_MODEL_DIR}, {paths.KERAS_TEST_PROBS}, serving candidates "
+          "(decided top-1 agreement with Keras on validation images):")
+    for fmt, c in candidates.items():
+        gate = "" if c["agrees"] else "  (below the gate: auto never serves it)"
+        engine = f"  computes in {c['precision']}" if c["precision"] else ""
+        print(f"  {fmt:<15}{c['size_mb']:>8.1f} MB  {c['top1_agreement']:.1%} of "
+              f"{c['checked_images']}{engine}{gate}")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,9 @@ TINY = {  # the shrunk real run every training test starts from
     "train__head_epochs": 1, "train__finetune_epochs": 1, "train__head_lr": 0.01,
     "augment__preview_images": 2, "augment__preview_views": 2,
     # mlflow.serving_format stays auto: package converts the TFLite copy whatever it is, and
-    # serving from it spares evaluate and predict a Keras load.
+    # serving from it spares evaluate and predict a Keras load. The OpenVINO copies are the
+    # trained project's (tests/export, tests/serving): converting them costs every package.
+    "package__openvino": [],
 }
 
 
@@ -170,7 +172,7 @@ def tiny_data(root: Path, **overrides) -> None:
     project's own with TINY and `overrides` applied."""
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     make_class_folders(root / "data/raw", TINY_CLASSES)
-    set_params(root, **TINY, **overrides)
+    set_params(root, **{**TINY, **overrides})
 
 
 def run_stages(root: Path, *modules: str) -> None:
@@ -288,7 +290,8 @@ def trained_project(tmp_path_factory) -> Path:
             pytest.fail("a second xdist worker builds trained_project: `--dist loadgroup` is "
                         "not grouping its tests (see the pytest pin in pyproject.toml)")
     root = tmp_path_factory.mktemp("trained")
-    tiny_data(root, export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR)
+    tiny_data(root, export__tflite=["float32", "dynamic", "int8"], evaluate__ood_dir=OOD_DIR,
+              package__openvino=["float", "int8"])
     write_scenes(root / OOD_DIR, 12, offset=500)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("MLFLOW_")}
     try:

@@ -66,6 +66,15 @@ def evenly_spaced(files: list[str], count: int) -> list[str]:
     return [files[i] for i in evenly_spaced_indices(len(files), count)]
 
 
+def sample_pixels(split: str, count: int, size: int, resize: str) -> np.ndarray:
+    """Up to `count` images of `split`, evenly spaced through its manifest (so every class is
+    seen), as float pixels the model takes."""
+    from imgclf.data.images import load_pixels
+
+    files = evenly_spaced(read_manifest(split, read_classes())[0], count)
+    return np.stack([load_pixels(f, size, resize) for f in files]).astype(np.float32)
+
+
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height"]
 
 

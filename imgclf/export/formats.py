@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +24,25 @@ import numpy as np
 from imgclf import io, paths
 from imgclf.data.images import PAD_VALUE
 from imgclf.errors import UserError
-from imgclf.metrics import decided, parity
+from imgclf.metrics import QUANTISED_MIN_AGREEMENT, decided, parity
 from imgclf.params import Params
 from imgclf.serving.batches import iter_batches
 from imgclf.serving.runners import (
     LABELS,
     META,
+    OPENVINO_XML,
     SAVED_MODEL,
     Runner,
+    format_path,
     in_chunks,
+    load_runner,
     saved_model_bytes_fn,
     saved_model_runner,
+    speed,
     tflite_name,
-    tflite_runner,
     with_features,
 )
 
-QUANTISED_MIN_AGREEMENT = 0.98  # top-1 agreement with Keras for a quantised model to be used
 # SavedModel and TFLite float32 compute what Keras computes: they may differ by round-off only.
 FLOAT_TOLERANCE = 1e-4
 # The image-bytes signature decodes in TensorFlow, not Pillow: resampling round-off may move a
@@ -165,51 +165,69 @@ def write_tflite(saved_model: Path, variants: dict[str, Path],
         path.write_bytes(converter.convert())
 
 
-def sample_pixels(params: Params, split: str, count: int) -> np.ndarray:
-    """Up to `count` images of `split`, evenly spaced through its manifest (sorted by class,
-    so every class is seen), as the model takes them."""
-    from imgclf.data.manifests import evenly_spaced, read_classes, read_manifest
+def write_openvino(saved_model: Path, variants: dict[str, Path],
+                   calibration: np.ndarray | None = None) -> None:
+    """OpenVINO IR folders ({variant: folder}, each model.xml + model.bin) of the SavedModel's
+    pixels signature (its default one takes strings, which OpenVINO does not run): `float`
+    keeps float32 weights (OpenVINO computes in bf16 by itself where the CPU has it), `int8`
+    quantises weights and activations with NNCF's post-training quantisation, calibrated on
+    `calibration` (float pixels of training images)."""
+    import openvino as ov
+    import tensorflow as tf
 
-    files = evenly_spaced(read_manifest(split, read_classes())[0], count)
-    return np.concatenate([p for _good, p, _bad in iter_batches(
-        files, params.model.image_size, params.model.resize, 32)])
+    if not variants:
+        return
+    loaded = tf.saved_model.load(str(saved_model))  # held: the signature needs its variables
+    model = ov.convert_model(loaded.signatures["predict_pixels"])
+    for variant, folder in variants.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        if variant == "int8":
+            import nncf
 
-
-def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
-    """Median latency at batch 1 and throughput at `batch_size`, after one warm-up call."""
-    one = pixels[:1]
-    runner(one)
-    latencies = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner(one)
-        latencies.append(time.perf_counter() - start)
-    batch = np.concatenate([pixels] * (-(-batch_size // len(pixels))))[:batch_size]
-    runner(batch)
-    start = time.perf_counter()
-    rounds = 3
-    for _ in range(rounds):
-        runner(batch)
-    elapsed = time.perf_counter() - start
-    return {"latency_ms_batch1": round(statistics.median(latencies) * 1000, 3),
-            "images_per_s": round(rounds * batch_size / elapsed, 2)}
+            # One image a sample, as the TFLite converter takes them; the statistics are
+            # per tensor, so the count, not the batch, is what matters.
+            dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+            quantised = nncf.quantize(model, dataset, subset_size=len(calibration))
+            ov.save_model(quantised, str(folder / OPENVINO_XML))
+        else:
+            ov.save_model(model, str(folder / OPENVINO_XML), compress_to_fp16=False)
 
 
-SERVING_VARIANT = "dynamic"  # the serving copy: int8 weights, float activations
-SERVING_SAMPLE = 256  # validation images the serving copy is checked on: +-1 point at 98%
+SERVING_SAMPLE = 256  # validation images each serving candidate is checked on: +-1 point at 98%
 
 
-def serving_copy(params: Params, keras_fn, saved_model: Path, path: Path) -> tuple[float, int]:
-    """The dynamic-range TFLite copy of the model's SavedModel, converted into `path`; its
-    decided top-1 agreement with Keras (`keras_fn`) on up to SERVING_SAMPLE validation
-    images, and how many were checked. It may serve when the agreement reaches
-    QUANTISED_MIN_AGREEMENT."""
-    write_tflite(saved_model, {SERVING_VARIANT: path})
-    pixels = sample_pixels(params, "val", SERVING_SAMPLE)
-    lite = tflite_runner(path, f"tflite_{SERVING_VARIANT}")
-    agreement = parity(in_chunks(keras_fn, pixels),
-                       in_chunks(lite, pixels))["decided_top1_agreement"]
-    return agreement, len(pixels)
+def serving_candidates(params: Params, keras_fn, saved_model: Path) -> dict[str, dict]:
+    """What the registered model may serve with, converted from the model's SavedModel: the
+    dynamic-range TFLite copy (paths.SERVING_COPY, always) and the OpenVINO copies
+    `package.openvino` names (paths.OPENVINO_DIR, one folder each), each written in one
+    rename. Per format: its decided top-1 agreement with Keras (`keras_fn`) on up to
+    SERVING_SAMPLE validation images, whether that reaches QUANTISED_MIN_AGREEMENT (only then
+    may it serve), its size and what it computed in."""
+    from imgclf.data.manifests import sample_pixels
+
+    size, resize = params.model.image_size, params.model.resize
+    pixels = sample_pixels("val", SERVING_SAMPLE, size, resize)
+    reference = in_chunks(keras_fn, pixels)
+
+    def checked(fmt: str, path: Path) -> dict:
+        runner = load_runner(fmt, path)
+        agreement = parity(reference, in_chunks(runner, pixels))["decided_top1_agreement"]
+        return {"top1_agreement": agreement, "checked_images": len(pixels),
+                "agrees": agreement >= QUANTISED_MIN_AGREEMENT,
+                "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
+
+    with io.replacing(paths.SERVING_COPY) as tmp:
+        write_tflite(saved_model, {"dynamic": tmp})
+        candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
+    with io.replaced_dir(paths.OPENVINO_DIR) as staging:
+        variants = {v: staging / v for v in params.package.openvino}
+        calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
+                       if "int8" in variants else None)
+        write_openvino(saved_model, variants, calibration)
+        for variant, folder in variants.items():
+            fmt = "openvino" if variant == "float" else f"openvino_{variant}"
+            candidates[fmt] = checked(fmt, folder)
+    return candidates
 
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,
@@ -247,7 +265,7 @@ def recommend(formats: dict[str, dict], exact: list[str]) -> str:
     QUANTISED_MIN_AGREEMENT, the fastest when timed (export.measure), else the smallest:
     size is what is known without timings, it is what a deployment downloads, and on CPUs
     the quantised copies also run faster."""
-    usable = exact + [n for n in formats if n.startswith("tflite_") and n not in exact
+    usable = exact + [n for n in formats if n not in exact and n not in ("keras", "saved_model")
                       and formats[n]["decided_top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
     if all("images_per_s" in formats[n] for n in usable):
         return max(usable, key=lambda n: formats[n]["images_per_s"])
@@ -256,7 +274,7 @@ def recommend(formats: dict[str, dict], exact: list[str]) -> str:
 
 def export_all(params: Params, keras_file: Path, classes: list[str], files: list[str],
                saved_model: Path, keras_probs: np.ndarray,
-               converted: dict[str, Path] | None = None) -> dict:
+               packaged: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on (up to
     `export.parity_images` of) the test files, with its size (and with `export.measure`, its
     speed); returns the report.
@@ -265,11 +283,12 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     `saved_model`: the model's SavedModel (register's), shipped as it is and the source of
     the TFLite variants; `keras_probs`: the Keras model's probabilities on every test file
     (register's, models/keras_test_probs.npz): the reference, not computed again;
-    `converted`: TFLite variants already converted from it ({variant: file}: the registered
-    serving copy), shipped as they are and checked like the others."""
+    `packaged`: formats the package stage already converted from it ({format: file or
+    folder}: the serving candidates, TFLite and OpenVINO), shipped as they are and checked
+    like the others."""
     import tensorflow as tf
 
-    from imgclf.data.manifests import evenly_spaced_indices
+    from imgclf.data.manifests import evenly_spaced_indices, sample_pixels
 
     n_test = len(files)
     # A check of the conversion, not of the data: a sample that does not grow with the test
@@ -281,19 +300,27 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     batch = params.export.bench_batch_size
     with io.replaced_dir(paths.EXPORT_DIR) as staging:
         shutil.copytree(saved_model, staging / SAVED_MODEL)
-        converted = {v: f for v, f in (converted or {}).items() if v in params.export.tflite}
-        for variant, file in converted.items():
-            shutil.copyfile(file, staging / tflite_name(variant))
-        write_tflite(staging / SAVED_MODEL, {v: staging / tflite_name(v)
-                                             for v in params.export.tflite if v not in converted},
-                     sample_pixels(params, "train", params.export.calibration_images)
+        # The OpenVINO copies ship whenever package made them; TFLite variants as
+        # export.tflite names them, converted here unless package already did.
+        shipped = {f: p for f, p in (packaged or {}).items() if f.startswith("openvino")
+                   or f.removeprefix("tflite_") in params.export.tflite}
+        for fmt, source in shipped.items():
+            if source.is_dir():
+                shutil.copytree(source, format_path(staging, fmt))
+            else:
+                shutil.copyfile(source, format_path(staging, fmt))
+        write_tflite(staging / SAVED_MODEL,
+                     {v: staging / tflite_name(v) for v in params.export.tflite
+                      if f"tflite_{v}" not in shipped},
+                     sample_pixels("train", params.export.calibration_images, size, resize)
                      if "int8" in params.export.tflite else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         saved_model = tf.saved_model.load(str(staging / SAVED_MODEL))
         runners = {"saved_model": saved_model_runner(staging / SAVED_MODEL, saved_model)}
-        runners.update({f"tflite_{v}": tflite_runner(staging / tflite_name(v), f"tflite_{v}")
-                        for v in params.export.tflite})
+        names = [f"tflite_{v}" for v in params.export.tflite] + [
+            f for f in shipped if f.startswith("openvino")]
+        runners.update({n: load_runner(n, format_path(staging, n)) for n in names})
         probs, first = collect_probs({n: r for n, r in runners.items() if n != "saved_model"},
                                      files, size, resize, batch)
         # The SavedModel's pixels signature is the Keras graph itself, exact or broken

@@ -15,10 +15,11 @@ or without an `image` column, is refused as a bad request (HTTP 400 when served)
 `reject_unreadable: false` (batch scoring, imgclf/tracking/spark.py) the former answers each
 row with its error instead.
 Inside: `classes.json`, the decode and resize rules of the pipeline, `selective.npz` (the
-scores and thresholds: imgclf/model/selective.py) and what answers requests: the
-dynamic-range TFLite copy (with `mlflow.serving_format: auto`, when it agreed with Keras on
-enough validation images), else the `.keras` model. A TFLite-served version names its Keras
-model by URI (an artifact of the training run) instead of carrying it. The format answers
+scores and thresholds: imgclf/model/selective.py) and what answers requests: the copy the
+register stage chose (with `mlflow.serving_format: auto`, the fastest on its machine of the
+dynamic-range TFLite and OpenVINO copies that agreed with Keras on enough validation images),
+else the `.keras` model. A version served from a copy names its Keras model by URI (an
+artifact of the training run) instead of carrying it. The format answers
 probabilities and pooled features in one forward pass; the status is numpy on those.
 """
 
@@ -59,21 +60,22 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.image_size = int(config["image_size"])
         self.resize = config["resize"]
         self.max_pixels = int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
-        # Served from Keras, the model is an artifact of the version; served from TFLite,
-        # an artifact of the training run, downloaded only when asked for.
+        # Served from Keras, the model is an artifact of the version; served from a TFLite or
+        # OpenVINO copy, an artifact of the training run, downloaded only when asked for.
         self._keras_path = context.artifacts.get("keras_model")
         self._keras_uri = config.get("keras_model_uri")
         self._model = None
-        # A TFLite interpreter serves one call at a time; servers may call from threads.
+        # A TFLite interpreter (an OpenVINO infer request) serves one call at a time;
+        # servers may call from threads.
         self._lock = threading.Lock()
         self.selective = Selective.load(Path(context.artifacts["selective"]))
-        if "tflite_model" in context.artifacts:
-            from imgclf.serving.runners import tflite_runner
+        if "served_model" in context.artifacts:
+            from imgclf.serving.runners import load_runner
 
-            # The quantised copy that register checked against the Keras model (serving_format).
-            self.format = config.get("format", "tflite")
-            self.forward = tflite_runner(Path(context.artifacts["tflite_model"]),
-                                         self.format).both
+            # The copy register chose among those that agree with the Keras model.
+            self.format = config["format"]
+            self.forward = load_runner(self.format,
+                                       Path(context.artifacts["served_model"])).both
         else:
             from imgclf.serving.runners import keras_forward
 

@@ -3,15 +3,18 @@
 The formats the package stage writes also answer the model's pooled features (the head's
 input) from the same forward pass: `Forward`, what the selective scores read.
 
-Keras (`.keras`), the export SavedModel and TFLite files (through LiteRT); and the export
-folder's layout. Each runner imports its engine itself, so a caller pays only for the format
-it uses: a TFLite-served model needs no TensorFlow.
+Keras (`.keras`), the export SavedModel, TFLite files (through LiteRT) and OpenVINO IR
+(`model.xml` + `model.bin`, through the OpenVINO runtime); and the export folder's layout.
+Each runner imports its engine itself, so a caller pays only for the format it uses: a TFLite-
+or OpenVINO-served model needs no TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +35,19 @@ LABELS = "labels.txt"
 CHUNK = 32  # images per call when a caller hands a runner more at once
 
 
+OPENVINO_XML = "model.xml"  # an OpenVINO folder's graph; its weights beside it, model.bin
+
+
 def tflite_name(variant: str) -> str:
     return f"model_{variant}.tflite"
 
 
 def format_path(folder: Path, fmt: str) -> Path:
-    """Where format `fmt` (saved_model, tflite_<variant>) lies in an export folder."""
-    return folder / (SAVED_MODEL if fmt == "saved_model"
-                     else tflite_name(fmt.removeprefix("tflite_")))
+    """Where format `fmt` (saved_model, tflite_<variant>, openvino, openvino_int8) lies in an
+    export folder."""
+    if fmt == "saved_model" or fmt.startswith("openvino"):
+        return folder / fmt
+    return folder / tflite_name(fmt.removeprefix("tflite_"))
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Runner:
     run: Predictor
     size_bytes: int
     both: Forward | None = None  # with the features, when the file has them
+    precision: str | None = None  # what the engine computed in, where it chooses (OpenVINO)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)
@@ -185,6 +194,61 @@ def tflite_runner(path: Path, name: str) -> Runner:
     return Runner(name, run, path.stat().st_size, both if features_at is not None else None)
 
 
+def openvino_runner(folder: Path, name: str) -> Runner:
+    """An OpenVINO folder (model.xml + model.bin) compiled for this machine's CPU. OpenVINO
+    picks the precision itself (bf16 on CPUs with AVX-512 BF16 or AMX): the runner's name
+    says which ran, and the format is gated on its agreement like a quantised one."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(Path(folder) / OPENVINO_XML), "CPU")
+    request = compiled.create_infer_request()
+    outputs = {o.get_any_name(): o for o in compiled.outputs}
+    probs_at, features_at = outputs["probabilities"], outputs.get("features")
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return request.infer(batch.astype(np.float32))[probs_at].copy()
+
+    def both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer(batch.astype(np.float32))
+        return out[probs_at].copy(), out[features_at].copy()
+
+    size = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+    return Runner(name, run, size, both if features_at is not None else None,
+                  compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+
+
+def load_runner(fmt: str, path: Path) -> Runner:
+    """The runner of a served format (tflite_<variant>, openvino, openvino_int8, saved_model)
+    from its file or folder."""
+    if fmt.startswith("tflite_"):
+        return tflite_runner(path, fmt)
+    if fmt.startswith("openvino"):
+        return openvino_runner(path, fmt)
+    if fmt == "saved_model":
+        return saved_model_runner(path)
+    raise ValueError(f"no runner for format {fmt!r}")
+
+
+def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
+    """Median latency at batch 1 and throughput at `batch_size`, after one warm-up call."""
+    one = pixels[:1]
+    runner(one)
+    latencies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(one)
+        latencies.append(time.perf_counter() - start)
+    batch = np.concatenate([pixels] * (-(-batch_size // len(pixels))))[:batch_size]
+    runner(batch)
+    start = time.perf_counter()
+    rounds = 3
+    for _ in range(rounds):
+        runner(batch)
+    elapsed = time.perf_counter() - start
+    return {"latency_ms_batch1": round(statistics.median(latencies) * 1000, 3),
+            "images_per_s": round(rounds * batch_size / elapsed, 2)}
+
+
 def load_keras_file(path: Path, classes_path: Path, image_size: int | None,
                     resize: str, tta: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                     ) -> LoadedModel:
@@ -209,10 +273,7 @@ def load_export(folder: Path, label: str | None = None) -> LoadedModel:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     classes = (folder / LABELS).read_text(encoding="utf-8").splitlines()
     fmt = meta["recommended"]
-    if fmt == "saved_model":
-        runner = saved_model_runner(format_path(folder, fmt))
-    else:
-        runner = tflite_runner(format_path(folder, fmt), fmt)
+    runner = load_runner(fmt, format_path(folder, fmt))
     return LoadedModel(runner, classes, int(meta["image_size"]), meta["resize"],
                        f"{label or folder} ({fmt})",
                        int(meta.get("max_pixels", DEFAULT_MAX_PIXELS)))

@@ -23,6 +23,8 @@ from pathlib import Path
 from imgclf import io, paths
 from imgclf.cards import model_card
 from imgclf.data.manifests import data_version
+from imgclf.errors import UserError
+from imgclf.metrics import QUANTISED_MIN_AGREEMENT
 from imgclf.params import Params
 from imgclf.stage_reports import PackageReport, RegisterReport, SelectiveReport, TrainReport
 from imgclf.tracking import store
@@ -71,6 +73,8 @@ def requirements(serving_format: str) -> list[str]:
     pins = [_pin(name) for name in ("mlflow-skinny", "numpy", "pandas", "pillow")]
     if serving_format.startswith("tflite"):
         return [*pins, _pin("ai-edge-litert")]
+    if serving_format.startswith("openvino"):
+        return [*pins, _pin("openvino")]
     return [*pins, f"tensorflow=={tensorflow_version()}", _pin("keras")]
 
 
@@ -88,12 +92,32 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def serving_format(params: Params, package: PackageReport) -> str:
-    """What the registered model computes with (`mlflow.serving_format`): with `auto`, the
-    package stage's TFLite copy when it agrees with Keras on enough validation images."""
-    if params.mlflow.serving_format == "keras" or not package.serving_agrees:
-        return "keras"
-    return f"tflite_{package.serving_variant}"
+TIMING_IMAGES = 8  # validation images (one batch) each candidate is timed on
+
+
+def serving_format(params: Params, package: PackageReport) -> tuple[str, dict[str, float]]:
+    """What the registered model computes with (`mlflow.serving_format`), and the images/s
+    that chose it: with `auto`, of the package stage's candidates that agree with Keras, the
+    fastest on this machine (Keras when none agrees); a named format as it is."""
+    wanted = params.mlflow.serving_format
+    if wanted == "keras":
+        return "keras", {}
+    if wanted != "auto":
+        if wanted not in package.candidates:
+            raise UserError(f"mlflow.serving_format = {wanted}: the package stage made no "
+                            f"such copy (package.openvino = {params.package.openvino}); "
+                            f"allowed here: auto, keras, {', '.join(package.candidates)}")
+        return wanted, {}
+    passing = package.passing()
+    if len(passing) <= 1:
+        return (passing[0] if passing else "keras"), {}
+    from imgclf.data.manifests import sample_pixels
+    from imgclf.serving.runners import load_runner, speed
+
+    pixels = sample_pixels("val", TIMING_IMAGES, params.model.image_size, params.model.resize)
+    speeds = {fmt: speed(load_runner(fmt, paths.SERVING_FORMATS[fmt]), pixels,
+                         len(pixels))["images_per_s"] for fmt in passing}
+    return max(speeds, key=speeds.get), speeds
 
 
 SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
@@ -101,6 +125,8 @@ SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
                     ("reject_unreadable", "boolean", True))
 # The tag on the logged model and on the version naming what they hold (registration_key).
 KEY_TAG = "imgclf.registration"
+REASON_TAG = "serving_reason"  # why the version serves with its format, in a sentence
+SPEEDS_TAG = "serving_speeds"  # JSON: the images/s that chose it ({} when none were timed)
 
 
 def _signature():
@@ -177,8 +203,9 @@ def _keras_artifact(run_id: str) -> str:
 
 
 def _log_model(run_id: str, params: Params, key: str, folder: Path,
-               serving_format: str) -> str:
-    """The pyfunc logged to the training run; its model URI (`models:/m-...`)."""
+               serving_format: str, choice: dict[str, str]) -> str:
+    """The pyfunc logged to the training run; its model URI (`models:/m-...`). `choice`: the
+    tags that say why it serves with `serving_format`."""
     import mlflow
     import pandas as pd
 
@@ -187,10 +214,10 @@ def _log_model(run_id: str, params: Params, key: str, folder: Path,
     if serving_format == "keras":
         served = {"keras_model": str(paths.MODEL_FILE)}
     else:
-        # What a deployment downloads is what it serves with: the TFLite copy. The Keras
-        # model (four times its size) stays an artifact of the run, fetched only by what
-        # needs it (`imgclf predict --exact`, evaluate with TTA).
-        served = {"tflite_model": str(paths.SERVING_COPY)}
+        # What a deployment downloads is what it serves with: the TFLite or OpenVINO copy.
+        # The Keras model stays an artifact of the run, fetched only by what needs it
+        # (`imgclf predict --exact`, evaluate with TTA).
+        served = {"served_model": str(paths.SERVING_FORMATS[serving_format])}
         config["keras_model_uri"] = _keras_artifact(run_id)
     (folder / "config.json").write_text(json.dumps(config))
     code = serving_code(folder / "code")
@@ -205,7 +232,7 @@ def _log_model(run_id: str, params: Params, key: str, folder: Path,
             signature=_signature(),
             input_example=pd.DataFrame({"image": [input_example(params)]}),
             pip_requirements=requirements(serving_format),
-            tags={KEY_TAG: key, "serving_format": serving_format},
+            tags={KEY_TAG: key, "serving_format": serving_format, **choice},
         )
     return info.model_uri
 
@@ -224,31 +251,53 @@ def register(client, params: Params, trained: TrainReport,
         print(f"register: {name} version {version.version} already holds this model "
               "(same weights, serving params and code): reused, not registered again")
         return _report(run_id, name, version, key, trained.weights_digest)
-    if not client.get_metric_history(run_id, "serving_top1_agreement"):  # once per run
-        client.log_metric(run_id, "serving_top1_agreement", package.serving_top1_agreement)
+    for fmt, candidate in package.candidates.items():  # once per run
+        metric = f"serving_top1_agreement.{fmt}"
+        if not client.get_metric_history(run_id, metric):
+            client.log_metric(run_id, metric, candidate["top1_agreement"])
     logged = _logged_model(client, run_id, key)
     if logged is None:
-        fmt = serving_format(params, package)
-        print(f"register: serving with {fmt} (the TFLite copy agrees with Keras on "
-              f"{package.serving_top1_agreement:.1%} of {package.serving_checked_images} "
-              "validation images)")
+        fmt, speeds = serving_format(params, package)
+        why = _why(fmt, params, package, speeds)
+        print(f"register: serving with {fmt} ({why})")
+        choice = {REASON_TAG: why, SPEEDS_TAG: json.dumps(speeds)}
         with tempfile.TemporaryDirectory() as tmp:
-            model_uri = _log_model(run_id, params, key, Path(tmp), fmt)
+            model_uri = _log_model(run_id, params, key, Path(tmp), fmt, choice)
     else:  # logged by a register killed before it registered
         model_uri, fmt = f"models:/{logged.model_id}", logged.tags["serving_format"]
+        choice = {tag: logged.tags[tag] for tag in (REASON_TAG, SPEEDS_TAG)}
     io.fault_point("logged", "model")  # the kill tests: logged, not yet registered
     store.use_fluent()
-    version = mlflow.register_model(model_uri, name, tags={KEY_TAG: key, "serving_format": fmt})
+    version = mlflow.register_model(model_uri, name,
+                                    tags={KEY_TAG: key, "serving_format": fmt, **choice})
     # The card without its test section until evaluate measures the served model.
     card = model_card(params, data_version(), io.read_json(paths.PREPARE_REPORT), trained,
-                      selective=SelectiveReport.read())
+                      selective=SelectiveReport.read(), served_format=fmt,
+                      serving_reason=choice[REASON_TAG])
     client.update_model_version(name, str(version.version), description=card)
     return _report(run_id, name, client.get_model_version(name, str(version.version)), key,
                    trained.weights_digest)
+
+
+def _why(fmt: str, params: Params, package: PackageReport, speeds: dict[str, float]) -> str:
+    """Why the version serves with `fmt`, in a sentence (the stage's output, the model card)."""
+    if params.mlflow.serving_format != "auto":
+        return f"mlflow.serving_format = {params.mlflow.serving_format}"
+    checked = ", ".join(f"{f} {c['top1_agreement']:.1%}" for f, c in package.candidates.items())
+    gate = (f"decided top-1 agreement with Keras on validation images: {checked}; "
+            f"at least {QUANTISED_MIN_AGREEMENT:.0%} may serve")
+    if fmt == "keras":
+        return f"no copy agrees with Keras well enough ({gate})"
+    if not speeds:
+        return f"the only copy that agrees with Keras ({gate})"
+    timed = ", ".join(f"{f} {v:.1f}" for f, v in sorted(speeds.items(), key=lambda x: -x[1]))
+    return f"the fastest copy that agrees, in images/s on this machine: {timed} ({gate})"
 
 
 def _report(run_id: str, name: str, version, key: str, weights_digest: str) -> RegisterReport:
     return RegisterReport(run_id=run_id, model_uri=version.source, registered_model=name,
                           model_version=int(version.version),
                           serving_format=version.tags["serving_format"],
-                          registration_key=key, weights_digest=weights_digest)
+                          registration_key=key, weights_digest=weights_digest,
+                          serving_reason=version.tags.get(REASON_TAG, ""),
+                          serving_speeds=json.loads(version.tags.get(SPEEDS_TAG, "{}")))

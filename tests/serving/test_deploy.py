@@ -55,12 +55,15 @@ def test_registered_model_runs_in_a_fresh_venv_from_its_own_requirements(trained
                                                          dst_path=str(tmp_path / "model")))
     requirements = (model_dir / "requirements.txt").read_text().split()
     served_format = json.loads((model_dir / "artifacts/config.json").read_text())["format"]
-    if served_format.startswith("tflite"):
-        # LiteRT runs it: no TensorFlow (1.3 GB) in the deployment.
+    if served_format != "keras":
+        # LiteRT or OpenVINO runs it: no TensorFlow (1.3 GB) in the deployment.
         assert not any(r.startswith(("tensorflow", "keras")) for r in requirements)
-        assert any(r.startswith("ai-edge-litert==") for r in requirements)
+        engine = "ai-edge-litert==" if served_format.startswith("tflite") else "openvino=="
+        assert any(r.startswith(engine) for r in requirements)
         # ... and it downloads what it serves with: the Keras model stays with the run.
-        assert (model_dir / "artifacts/model_dynamic.tflite").is_file()
+        served = {"tflite_dynamic": "model_dynamic.tflite", "openvino": "float/model.xml",
+                  "openvino_int8": "int8/model.xml"}[served_format]
+        assert (model_dir / "artifacts" / served).is_file()
         assert not list(model_dir.rglob("*.keras"))
     # Only the serving code travels with the model, never training.
     code = {p.relative_to(model_dir / "code").as_posix()

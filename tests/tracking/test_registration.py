@@ -66,3 +66,57 @@ def test_register_killed_between_logging_and_registering_logs_the_model_once(tra
     finally:
         params.write_text(saved[0])
         report_file.write_text(saved[1])
+
+
+def test_auto_serves_the_fastest_copy_that_agrees_on_this_machine(trained_project,
+                                                                   monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    from imgclf.errors import UserError
+    from imgclf.params import load_params
+    from imgclf.stage_reports import PackageReport
+    from imgclf.tracking.registration import serving_format
+
+    monkeypatch.chdir(trained_project)
+    params, package = load_params(), PackageReport.read()
+    assert set(package.candidates) == {"tflite_dynamic", "openvino", "openvino_int8"}
+
+    def without(report, *formats):  # `formats` below the agreement gate
+        return dataclasses.replace(report, candidates={
+            f: {**c, "agrees": c["agrees"] and f not in formats}
+            for f, c in report.candidates.items()})
+
+    # All three agree here: a random-init model's agreement is not what this test is about.
+    package = dataclasses.replace(package, candidates={
+        f: {**c, "agrees": True} for f, c in package.candidates.items()})
+    fmt, speeds = serving_format(params, package)
+    assert set(speeds) == set(package.candidates) and fmt == max(speeds, key=speeds.get)
+    # A copy below the gate is neither timed nor served, however fast it is.
+    second, speeds = serving_format(params, without(package, fmt))
+    assert fmt not in speeds and second == max(speeds, key=speeds.get)
+    # One left: served without timing; none: Keras.
+    rest = [f for f in package.candidates if f != "openvino"]
+    assert serving_format(params, without(package, *rest)) == ("openvino", {})
+    assert serving_format(params, without(package, *package.candidates)) == ("keras", {})
+    # A named format serves as named, if package made it; else the user hears which exist.
+    named = params.model_copy(update={"mlflow": params.mlflow.model_copy(
+        update={"serving_format": "openvino_int8"})})
+    assert serving_format(named, without(package, "openvino_int8")) == ("openvino_int8", {})
+    only_tflite = dataclasses.replace(package, candidates={
+        "tflite_dynamic": package.candidates["tflite_dynamic"]})
+    with pytest.raises(UserError, match="mlflow.serving_format = openvino_int8.*"
+                                        "package.openvino"):
+        serving_format(named, only_tflite)
+
+
+def test_a_served_copys_environment_names_its_engine_and_no_tensorflow():
+    from imgclf.tracking.registration import requirements
+
+    for fmt, engine in (("tflite_dynamic", "ai-edge-litert"), ("openvino", "openvino"),
+                        ("openvino_int8", "openvino"), ("keras", "tensorflow")):
+        names = [r.split("==")[0] for r in requirements(fmt)]
+        assert names[:4] == ["mlflow-skinny", "numpy", "pandas", "pillow"]
+        assert engine in names
+        assert ("tensorflow" in names) == (fmt == "keras")
