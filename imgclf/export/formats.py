@@ -184,8 +184,7 @@ def write_openvino(saved_model: Path, variants: dict[str, Path],
         if variant == "int8":
             import nncf
 
-            # One image a sample, as the TFLite converter takes them; the statistics are
-            # per tensor, so the count, not the batch, is what matters.
+            # One image a sample: NNCF's subset_size counts samples, so it counts images.
             dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
             quantised = nncf.quantize(model, dataset, subset_size=len(calibration))
             ov.save_model(quantised, str(folder / OPENVINO_XML))

@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_ports, run_module
+from conftest import free_ports, run_module, set_params
 from mlflow.tracking import MlflowClient
 
 from imgclf.tracking.deployment import stop
@@ -41,6 +41,30 @@ def _clean_env(**extra) -> dict:
 def _test_images(project: Path) -> tuple[list[str], pd.DataFrame]:
     test = pd.read_csv(project / "data/prepared/test.csv")
     return [base64.b64encode((project / p).read_bytes()).decode() for p in test["path"]], test
+
+
+def _predict_in_fresh_venv(model_dir: Path, images: list[str], tmp_path: Path) -> pd.DataFrame:
+    """The model at `model_dir` loaded and asked in a fresh venv made from its own
+    requirements.txt alone, as a deployment does; its answers (with probabilities)."""
+    venv = tmp_path / "venv"
+    env = _clean_env(VIRTUAL_ENV=str(venv))
+    subprocess.run([UV, "venv", "-q", "--python", "3.11", str(venv)], check=True, env=env,
+                   cwd=tmp_path, timeout=300)
+    subprocess.run([UV, "pip", "install", "-q", "-r", str(model_dir / "requirements.txt")],
+                   check=True, env=env, cwd=tmp_path, timeout=900)
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "images = json.load(open('images.json'))\n"
+        "out = model.predict(pd.DataFrame({'image': images}), params={'probabilities': True})\n"
+        "print(out.to_json(orient='records'))\n"
+    )
+    result = subprocess.run([str(venv / "bin/python"), "-c", script, str(model_dir)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deprecated" not in result.stderr.lower()
+    return pd.DataFrame(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 @pytest.mark.slow
@@ -72,26 +96,8 @@ def test_registered_model_runs_in_a_fresh_venv_from_its_own_requirements(trained
     assert not any(p.startswith(("imgclf/training", "imgclf/tracking", "imgclf/cli"))
                    for p in code)
 
-    venv = tmp_path / "venv"
-    env = _clean_env(VIRTUAL_ENV=str(venv))
-    subprocess.run([UV, "venv", "-q", "--python", "3.11", str(venv)], check=True, env=env,
-                   cwd=tmp_path, timeout=300)
-    subprocess.run([UV, "pip", "install", "-q", "-r", str(model_dir / "requirements.txt")],
-                   check=True, env=env, cwd=tmp_path, timeout=900)
     images, test = _test_images(trained_project)
-    (tmp_path / "images.json").write_text(json.dumps(images))
-    script = (
-        "import json, sys, mlflow, pandas as pd\n"
-        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
-        "images = json.load(open('images.json'))\n"
-        "out = model.predict(pd.DataFrame({'image': images}), params={'probabilities': True})\n"
-        "print(out.to_json(orient='records'))\n"
-    )
-    result = subprocess.run([str(venv / "bin/python"), "-c", script, str(model_dir)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "deprecated" not in result.stderr.lower()
-    answers = pd.DataFrame(json.loads(result.stdout.strip().splitlines()[-1]))
+    answers = _predict_in_fresh_venv(model_dir, images, tmp_path)
     # The answers evaluate measured, to the last digit.
     accuracy = float((answers["label"] == test["label"].astype(str)).mean())
     assert round(accuracy, 6) == metrics["accuracy"]
@@ -101,6 +107,44 @@ def test_registered_model_runs_in_a_fresh_venv_from_its_own_requirements(trained
     from imgclf.metrics import summary_metrics
 
     assert round(summary_metrics(probs, labels)["log_loss"], 6) == metrics["log_loss"]
+
+
+@pytest.mark.slow
+def test_an_openvino_served_version_runs_in_a_fresh_venv_without_tensorflow(trained_project,
+                                                                             tmp_path):
+    # Registered under a name of its own (version 1 of `imgclf` stays what the other tests
+    # read); the stage's report and params are put back afterwards.
+    saved = {name: (trained_project / name).read_bytes()
+             for name in ("params.yaml", "reports/register.json")}
+    try:
+        set_params(trained_project, mlflow__model_name="imgclf_ov",
+                   mlflow__serving_format="openvino_int8")
+        result = run_module("stages.register", trained_project)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        for name, content in saved.items():
+            (trained_project / name).write_bytes(content)
+    uri = f"sqlite:///{trained_project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/imgclf_ov/1",
+                                                         dst_path=str(tmp_path / "model")))
+    requirements = [r.split("==")[0] for r in
+                    (model_dir / "requirements.txt").read_text().split()]
+    assert "openvino" in requirements
+    assert not any(r.startswith(("tensorflow", "keras", "ai-edge-litert"))
+                   for r in requirements)
+    assert (model_dir / "artifacts/int8/model.xml").is_file()
+    assert not list(model_dir.rglob("*.keras")) and not list(model_dir.rglob("*.tflite"))
+    images, _ = _test_images(trained_project)
+    answers = _predict_in_fresh_venv(model_dir, images, tmp_path)
+    # The same answers as the package stage's int8 copy run here, status included.
+    local = mlflow.pyfunc.load_model("models:/imgclf_ov/1").predict(
+        pd.DataFrame({"image": images}), params={"probabilities": True})
+    assert list(answers["label"]) == list(local["label"])
+    assert list(answers["status"]) == list(local["status"])
+    np.testing.assert_allclose(np.array([json.loads(p) for p in answers["probabilities"]]),
+                               np.array([json.loads(p) for p in local["probabilities"]]),
+                               atol=1e-5)
 
 
 def _post(url: str, payload: dict) -> dict:
