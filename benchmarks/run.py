@@ -629,13 +629,15 @@ def bench_served_formats(work: Path, args) -> dict:
     own table, `export.measure`): images/s at export.bench_batch_size, decided top-1
     agreement with Keras on the test split, what OpenVINO computed in; and the format
     `mlflow.serving_format: auto` chose in register on this machine. The model is the demo
-    digits trained with the demo's head settings (`--formats-per-class` a class): on a
-    random-init model every answer is a near-tie and agreement says nothing."""
+    digits trained with the demo's head settings (`--formats-per-class` a class), not
+    calibrated: the demo's calibrated probabilities are all near-ties (close calls), which
+    the agreement does not count, so it would count nothing."""
     size = args.formats_size
     root = _digits_project(work / "formats", args.formats_per_class)
     _write_params(root, **{"model.image_size": size, "model.weights": None,
                            "augment.flip": "none", "train.head_lr": 0.01,
                            "train.head_epochs": 15, "train.finetune_epochs": 0,
+                           "train.calibrate": False,
                            "export.measure": True, "export.tflite": ["dynamic", "int8"]})
     for stage in ("features", "train", "selective", "package", "register", "export"):
         _run([sys.executable, "-m", f"stages.{stage}"], root)
@@ -971,6 +973,9 @@ BENCHES = {
 INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 
+EARLIER = "every other bench"  # measured_by's entry for a file's figures of unknown bench
+
+
 def machine() -> dict:
     """What the figures were measured on, and when: docs/performance.md prints it once."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -1016,12 +1021,19 @@ def main() -> None:
     output = Path(args.output)
     # --only refreshes some measurements and keeps the others from the last run.
     results: dict = json.loads(output.read_text()) if args.only and output.is_file() else {}
+    # Which run measured each bench: with --only, the others keep their own machine and date
+    # (a file from before this record: all of them the last run's, EARLIER).
+    runs = results.setdefault("measured_by", {EARLIER: {
+        k: results["machine"][k] for k in ("cpu_model", "instruction_sets", "date", "commit")}}
+        if "machine" in results else {})
     results["machine"] = machine()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or BENCHES:
             start = time.perf_counter()
             print(f"bench {name} ...", flush=True)
             results.update(BENCHES[name](Path(tmp), args))
+            runs[name] = {k: results["machine"][k] for k in ("cpu_model", "instruction_sets",
+                                                             "date", "commit")}
             print(f"bench {name}: {time.perf_counter() - start:.0f} s", flush=True)
             io.write_json(output, results)  # what is measured survives a later failure
     print(f"\n{'measure':<34}{'value':>12}")

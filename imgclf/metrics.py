@@ -98,6 +98,10 @@ CLOSE_CALL_MARGIN = 0.02
 # The gate a quantised (or reduced-precision) copy passes to serve or be recommended: its
 # decided top-1 agreement with Keras.
 QUANTISED_MIN_AGREEMENT = 0.98
+# ... and, to serve, the pooled features the status reads (the out-of-distribution score)
+# close to Keras's on every checked image: the smallest cosine similarity between them.
+# kNN, the default score, compares normalised features, so this bounds what moves it.
+FEATURES_MIN_COSINE = 0.999
 
 
 def decided(reference: np.ndarray, margin: float = CLOSE_CALL_MARGIN) -> np.ndarray:
@@ -119,6 +123,13 @@ def parity(reference: np.ndarray, probs: np.ndarray) -> dict:
             if counted.any() else 1.0,
             "decided_images": int(counted.sum()),
             "max_abs_diff": float(np.abs(reference - probs).max()) if len(probs) else 0.0}
+
+
+def min_cosine(reference: np.ndarray, features: np.ndarray) -> float:
+    """The smallest cosine similarity between matching rows of two feature arrays."""
+    dot = (reference * features).sum(1)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(features, axis=1)
+    return round(float((dot / np.maximum(norms, 1e-12)).min()), 6) if len(features) else 1.0
 
 
 def log_probs(probs: np.ndarray) -> np.ndarray:

@@ -71,9 +71,10 @@ class PackageReport(StageReport):
     STAGE: ClassVar[str] = "package"
 
     weights_digest: str           # of the model they were made from
-    # The serving candidates (paths.SERVING_FORMATS), by format: top1_agreement (decided,
-    # with Keras on validation), checked_images, agrees (reaches the gate: it may serve),
-    # size_mb, precision (what the engine computed in, where it chooses)
+    # The serving candidates (paths.SERVING_FORMATS), by format, against Keras on validation:
+    # top1_agreement (decided), features_min_cosine (of the pooled features), checked_images,
+    # agrees (both reach their gates: it may serve), size_mb, precision (what the engine
+    # computed in, where it chooses)
     candidates: dict
 
     def passing(self) -> list[str]:

@@ -33,18 +33,18 @@ def main() -> None:
         # The export's traced graph runs the serving check and the test split: one trace.
         forward = formats.write_saved_model(model, read_classes(), size, resize, staging)
     # Every candidate checked through the SavedModel's traced graph: the Keras model's answers.
-    candidates = formats.serving_candidates(params, lambda x: forward(x)[0],
-                                            paths.SAVED_MODEL_DIR)
+    candidates = formats.serving_candidates(params, forward, paths.SAVED_MODEL_DIR)
     reference.write(forward, read_manifest("test", read_classes())[0], size, resize,
                     params.prepare.max_pixels, trained.weights_digest)
     PackageReport(weights_digest=trained.weights_digest, candidates=candidates).write()
     print(f"package: {paths.SAVED_MODEL_DIR}, {paths.KERAS_TEST_PROBS}, serving candidates "
-          "(decided top-1 agreement with Keras on validation images):")
+          "(against Keras on validation images: decided top-1 agreement, smallest cosine of "
+          "the pooled features):")
     for fmt, c in candidates.items():
-        gate = "" if c["agrees"] else "  (below the gate: auto never serves it)"
+        gate = "" if c["agrees"] else "  (below a gate: auto never serves it)"
         engine = f"  computes in {c['precision']}" if c["precision"] else ""
         print(f"  {fmt:<15}{c['size_mb']:>8.1f} MB  {c['top1_agreement']:.1%} of "
-              f"{c['checked_images']}{engine}{gate}")
+              f"{c['checked_images']}  cosine {c['features_min_cosine']:.5f}{engine}{gate}")
 
 
 if __name__ == "__main__":

@@ -56,15 +56,16 @@ def test_images_of_another_kind_are_flagged_unknown_far_more_often(trained_proje
 
 
 def test_the_served_model_and_keras_give_the_same_status_on_decided_images(trained_project):
-    """The thresholds survive export: the served format (the TFLite copy) and the Keras model
-    it was checked against decide the same status wherever neither threshold is a close call
-    (quantised weights move a score a little, as they move a probability)."""
+    """The thresholds survive export: the served format (a TFLite or OpenVINO copy, gated on
+    its features too) and the Keras model it was checked against decide the same status
+    wherever neither threshold is a close call (quantised weights move a score a little, as
+    they move a probability)."""
     from imgclf.data.images import load_pixels
     from imgclf.serving.runners import keras_forward
 
     served = _served(trained_project)
     inner = served.unwrap_python_model()
-    assert inner.format != "keras"  # the fixture serves the TFLite copy: a real export
+    assert inner.format != "keras"  # the fixture serves a copy: a real export
     blobs = _in_distribution(trained_project, 12) + [
         encode(scene(96, 72, seed=3000 + i)) for i in range(12)]
     answers = _ask(served, blobs)

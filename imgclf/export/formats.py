@@ -24,7 +24,13 @@ import numpy as np
 from imgclf import io, paths
 from imgclf.data.images import PAD_VALUE
 from imgclf.errors import UserError
-from imgclf.metrics import QUANTISED_MIN_AGREEMENT, decided, parity
+from imgclf.metrics import (
+    FEATURES_MIN_COSINE,
+    QUANTISED_MIN_AGREEMENT,
+    decided,
+    min_cosine,
+    parity,
+)
 from imgclf.params import Params
 from imgclf.serving.batches import iter_batches
 from imgclf.serving.runners import (
@@ -195,24 +201,29 @@ def write_openvino(saved_model: Path, variants: dict[str, Path],
 SERVING_SAMPLE = 256  # validation images each serving candidate is checked on: +-1 point at 98%
 
 
-def serving_candidates(params: Params, keras_fn, saved_model: Path) -> dict[str, dict]:
+def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict[str, dict]:
     """What the registered model may serve with, converted from the model's SavedModel: the
     dynamic-range TFLite copy (paths.SERVING_COPY, always) and the OpenVINO copies
     `package.openvino` names (paths.OPENVINO_DIR, one folder each), each written in one
-    rename. Per format: its decided top-1 agreement with Keras (`keras_fn`) on up to
-    SERVING_SAMPLE validation images, whether that reaches QUANTISED_MIN_AGREEMENT (only then
-    may it serve), its size and what it computed in."""
+    rename. Per format, against Keras (`keras_forward`: probabilities and pooled features)
+    on up to SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest
+    cosine similarity of its pooled features (what the status reads); whether both reach
+    their gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its
+    size and what it computed in."""
     from imgclf.data.manifests import sample_pixels
 
     size, resize = params.model.image_size, params.model.resize
     pixels = sample_pixels("val", SERVING_SAMPLE, size, resize)
-    reference = in_chunks(keras_fn, pixels)
+    reference, reference_features = in_chunks(keras_forward, pixels)
 
     def checked(fmt: str, path: Path) -> dict:
         runner = load_runner(fmt, path)
-        agreement = parity(reference, in_chunks(runner, pixels))["decided_top1_agreement"]
-        return {"top1_agreement": agreement, "checked_images": len(pixels),
-                "agrees": agreement >= QUANTISED_MIN_AGREEMENT,
+        probs, features = in_chunks(runner.both, pixels)
+        agreement = parity(reference, probs)["decided_top1_agreement"]
+        cosine = min_cosine(reference_features, features)
+        return {"top1_agreement": agreement, "features_min_cosine": cosine,
+                "checked_images": len(pixels),
+                "agrees": agreement >= QUANTISED_MIN_AGREEMENT and cosine >= FEATURES_MIN_COSINE,
                 "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
 
     with io.replacing(paths.SERVING_COPY) as tmp:

@@ -24,7 +24,7 @@ from imgclf import io, paths
 from imgclf.cards import model_card
 from imgclf.data.manifests import data_version
 from imgclf.errors import UserError
-from imgclf.metrics import QUANTISED_MIN_AGREEMENT
+from imgclf.metrics import FEATURES_MIN_COSINE, QUANTISED_MIN_AGREEMENT
 from imgclf.params import Params
 from imgclf.stage_reports import PackageReport, RegisterReport, SelectiveReport, TrainReport
 from imgclf.tracking import store
@@ -145,14 +145,14 @@ def _signature():
     )
 
 
-def registration_key(params: Params, weights_digest: str) -> str:
+def registration_key(params: Params, weights_digest: str, package: PackageReport) -> str:
     """What a registered version holds: the model file's weights, its selective scores and
-    thresholds, the params that shape its serving, and the serving code it carries. Equal
-    keys, equal registered models."""
+    thresholds, the params that shape its serving, the copies it may serve with, and the
+    serving code it carries. Equal keys, equal registered models."""
     selective = hashlib.sha256(paths.SELECTIVE.read_bytes()).hexdigest()
     digest = hashlib.sha256(json.dumps(
         {"weights": weights_digest, "selective": selective, "name": params.mlflow.model_name,
-         "format": params.mlflow.serving_format,
+         "format": params.mlflow.serving_format, "candidates": package.passing(),
          "image_size": params.model.image_size, "resize": params.model.resize,
          "max_pixels": params.prepare.max_pixels}, sort_keys=True).encode())
     for rel in SERVING_CODE:
@@ -244,7 +244,7 @@ def register(client, params: Params, trained: TrainReport,
     import mlflow
 
     run_id, name = trained.run_id, params.mlflow.model_name
-    key = registration_key(params, trained.weights_digest)
+    key = registration_key(params, trained.weights_digest, package)
     version = _registered_version(client, name, run_id, key)
     if version is not None:
         # Its card stays as evaluate completed it.
@@ -283,9 +283,11 @@ def _why(fmt: str, params: Params, package: PackageReport, speeds: dict[str, flo
     """Why the version serves with `fmt`, in a sentence (the stage's output, the model card)."""
     if params.mlflow.serving_format != "auto":
         return f"mlflow.serving_format = {params.mlflow.serving_format}"
-    checked = ", ".join(f"{f} {c['top1_agreement']:.1%}" for f, c in package.candidates.items())
-    gate = (f"decided top-1 agreement with Keras on validation images: {checked}; "
-            f"at least {QUANTISED_MIN_AGREEMENT:.0%} may serve")
+    checked = ", ".join(f"{f} {c['top1_agreement']:.1%} / {c['features_min_cosine']:.4f}"
+                        for f, c in package.candidates.items())
+    gate = (f"against Keras on validation images, decided top-1 agreement / smallest cosine "
+            f"of the pooled features: {checked}; at least {QUANTISED_MIN_AGREEMENT:.0%} / "
+            f"{FEATURES_MIN_COSINE} may serve")
     if fmt == "keras":
         return f"no copy agrees with Keras well enough ({gate})"
     if not speeds:
