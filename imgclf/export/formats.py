@@ -229,14 +229,15 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict
     with io.replacing(paths.SERVING_COPY) as tmp:
         write_tflite(saved_model, {"dynamic": tmp})
         candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
+    # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
+    openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
+                if path.parent == paths.OPENVINO_DIR and path.name in params.package.openvino}
     with io.replaced_dir(paths.OPENVINO_DIR) as staging:
-        variants = {v: staging / v for v in params.package.openvino}
         calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
-                       if "int8" in variants else None)
-        write_openvino(saved_model, variants, calibration)
-        for variant, folder in variants.items():
-            fmt = "openvino" if variant == "float" else f"openvino_{variant}"
-            candidates[fmt] = checked(fmt, folder)
+                       if "int8" in openvino.values() else None)
+        write_openvino(saved_model, {v: staging / v for v in openvino.values()}, calibration)
+        for fmt, variant in openvino.items():
+            candidates[fmt] = checked(fmt, staging / variant)
     return candidates
 
 
