@@ -48,16 +48,6 @@ DESCRIPTIONS = {
     "(the JVM's start-up)",
     "clone_pull_and_repro_vs_full_run": "a second clone's `dvc pull` + `dvc repro` (nothing "
     "to run) / the pipeline's run to evaluate in the first clone, same data and params",
-    "pipeline_marginal_forward_passes": "what one more image costs the whole pipeline (every "
-    "stage through DVC, at two dataset sizes), in forward passes: the slope of the total over "
-    "the slope of one Keras forward pass over the same images",
-    "pipeline_fixed_seconds": "the same line at zero images: what every run pays before its "
-    "first image",
-    "head_only_experiment_forward_passes": "`dvc exp run -S train.finetune_lr=...` on the "
-    "larger dataset, beyond the fixed part, in forward passes over its images (it never runs "
-    "`features`)",
-    "cache_mb_per_image": "`data/features/` per image: the cut activations and pooled features",
-    "experiment_cache_mb": "what that experiment added to `.dvc/cache`",
     "finetune_stored_vs_images_val_accuracy": "validation accuracy after the fine-tune epochs: "
     "phase 2 on the stored activations at the cut / on images (whole base, fresh "
     "augmentation)",
@@ -87,6 +77,17 @@ STEMS = {
     "(`export.tflite: [dynamic, int8]`)",
     "served_format_auto_{size}": "the format `mlflow.serving_format: auto` served at {size} "
     "px on this machine (the fastest copy that agrees, timed by register)",
+    "pipeline_marginal_forward_passes_{size}": "what one more image costs the whole pipeline "
+    "at {size} px (every stage through DVC, at two dataset sizes), in forward passes: the "
+    "slope of the total over the slope of one Keras forward pass over the same images",
+    "pipeline_fixed_seconds_{size}": "the same line at zero images: what every run at {size} "
+    "px pays before its first image",
+    "head_only_experiment_forward_passes_{size}": "`dvc exp run -S train.finetune_lr=...` on "
+    "the larger dataset at {size} px, beyond the fixed part, in forward passes over its "
+    "images (it never runs `features`)",
+    "cache_mb_per_image_{size}": "`data/features/` per image at {size} px: the cut "
+    "activations and pooled features",
+    "experiment_cache_mb_{size}": "what that experiment added to `.dvc/cache`",
 }
 
 
@@ -120,23 +121,33 @@ def _headline(results: dict) -> list[str]:
 
 
 def _pipeline(results: dict) -> list[str]:
-    pipeline = results.get("pipeline")
-    if not pipeline:
-        return []
-    sizes = [str(n) for n in pipeline["images"]]
+    lines = []
+    for key in sorted((k for k in results if k.startswith("pipeline_") and k[9:].isdigit()),
+                      key=lambda k: int(k[9:])):
+        lines += _pipeline_at(results[key])
+    return lines
+
+
+def _pipeline_at(pipeline: dict) -> list[str]:
+    small, large = pipeline["images"]
+    sizes = [str(small), str(large)]
     lines = ["", f"## The pipeline's cost, stage by stage ({pipeline['image_size']} px, "
              f"{pipeline['classes']} classes, {pipeline['photo']} photos)", "",
-             "Seconds of each stage through `dvc repro --single-item`, and its peak memory "
-             "(the DVC process and the stage), at each dataset size:", "",
-             "| stage | " + " | ".join(f"{n} images: s" for n in sizes) + " | "
+             "Seconds of each stage through `dvc repro --single-item`, its fixed part (the "
+             "line through both sizes, at zero images: what the stage costs before its first "
+             "image) and its peak memory (the DVC process and the stage), at each dataset "
+             "size:", "",
+             "| stage | " + " | ".join(f"{n} images: s" for n in sizes) + " | fixed s | "
              + " | ".join(f"{n} images: peak MB" for n in sizes) + " |",
-             "|---|" + "---|" * (2 * len(sizes))]
+             "|---|" + "---|" * (2 * len(sizes) + 1)]
     seconds = pipeline["seconds_by_stage"]
-    peaks = results.get("peak_rss_mb_by_stage", {})
+    peaks = pipeline["peak_rss_mb_by_stage"]
     for stage in seconds[sizes[0]]:
-        lines.append(f"| `{stage}` | " + " | ".join(_value(seconds[n][stage]) for n in sizes)
-                     + " | " + " | ".join(_value(p) for p in peaks.get(stage, []))
-                     + " |")
+        at = [seconds[n][stage] for n in sizes]
+        fixed = at[0] - (at[1] - at[0]) / (large - small) * small
+        lines.append(f"| `{stage}` | " + " | ".join(_value(s) for s in at)
+                     + f" | {_value(round(fixed, 1))} | "
+                     + " | ".join(_value(p) for p in peaks.get(stage, [])) + " |")
     forward = pipeline["forward_pass_seconds"]
     lines += ["", "One Keras forward pass over the same images: "
               + ", ".join(f"{_value(forward[n])} s at {n}" for n in sizes)

@@ -547,15 +547,15 @@ def bench_pipeline_cost(work: Path, args) -> dict:
     _timed(["dvc", "exp", "run", "-S", "export.measure=true", "-S",
             "export.tflite=[dynamic,int8]", "export"], repo)
     levers = json.loads((repo / "reports/export.json").read_text())["formats"]
+    # Every figure of this bench carries its image size: the targets name one
+    # (fixed part at 150 px, marginal at 299 px), and runs at both sizes live side by side.
     return {
-        "pipeline_marginal_forward_passes": round(slope / forward_slope, 2),
-        "pipeline_fixed_seconds": round(fixed, 1),
-        "head_only_experiment_forward_passes": round(
+        f"pipeline_marginal_forward_passes_{size}": round(slope / forward_slope, 2),
+        f"pipeline_fixed_seconds_{size}": round(fixed, 1),
+        f"head_only_experiment_forward_passes_{size}": round(
             max(0.0, experiment - fixed) / runs[large]["forward_seconds"], 2),
-        "cache_mb_per_image": round(runs[large]["features_mb"] / large, 4),
-        "experiment_cache_mb": round(experiment_mb, 1),
-        "peak_rss_mb_by_stage": {stage: [runs[n]["stages"][stage]["peak_rss_mb"]
-                                         for n in (small, large)] for stage in STAGE_ORDER},
+        f"cache_mb_per_image_{size}": round(runs[large]["features_mb"] / large, 4),
+        f"experiment_cache_mb_{size}": round(experiment_mb, 1),
         # The export stage's own table at this size (random init: its quantised agreement
         # counts only the images that are no close call).
         f"export_speedup_{size}": export["speedup_vs_keras_predict"],
@@ -569,19 +569,23 @@ def bench_pipeline_cost(work: Path, args) -> dict:
             n: {k: f.get(k) for k in ("images_per_s", "top1_agreement",
                                       "decided_top1_agreement", "decided_images")}
             for n, f in export["formats"].items()}},
-        "pipeline": {"image_size": size, "images": [small, large], "classes": 8,
-                     "photo": "400x300 JPEG", "epochs": "params.yaml defaults, no early stop",
-                     "seconds_by_stage": {n: {k: v["seconds"] for k, v in r["stages"].items()}
-                                          for n, r in runs.items()},
-                     "forward_pass_seconds": {n: round(r["forward_seconds"], 1)
-                                              for n, r in runs.items()},
-                     "head_only_experiment_seconds": round(experiment, 1),
-                     # the key name; the experiment changes a training param only
-                     "head_only_experiment_command":
-                         "dvc exp run -S train.finetune_lr=0.00002",
-                     # what it ran: never `features`
-                     "head_only_experiment_stages_run": ran,
-                     "features_mb": {n: round(r["features_mb"], 1) for n, r in runs.items()}},
+        f"pipeline_{size}": {
+             "image_size": size, "images": [small, large], "classes": 8,
+             "photo": "400x300 JPEG", "epochs": "params.yaml defaults, no early stop",
+             "seconds_by_stage": {n: {k: v["seconds"] for k, v in r["stages"].items()}
+                                  for n, r in runs.items()},
+             "peak_rss_mb_by_stage": {
+                 stage: [runs[n]["stages"][stage]["peak_rss_mb"] for n in (small, large)]
+                 for stage in STAGE_ORDER},
+             "forward_pass_seconds": {n: round(r["forward_seconds"], 1)
+                                      for n, r in runs.items()},
+             "head_only_experiment_seconds": round(experiment, 1),
+             # the key name; the experiment changes a training param only
+             "head_only_experiment_command":
+                 "dvc exp run -S train.finetune_lr=0.00002",
+             # what it ran: never `features`
+             "head_only_experiment_stages_run": ran,
+             "features_mb": {n: round(r["features_mb"], 1) for n, r in runs.items()}},
     }
 
 

@@ -69,10 +69,14 @@ def evenly_spaced(files: list[str], count: int) -> list[str]:
 def sample_pixels(split: str, count: int, size: int, resize: str) -> np.ndarray:
     """Up to `count` images of `split`, evenly spaced through its manifest (so every class is
     seen), as float pixels the model takes."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from imgclf.data.images import load_pixels
 
     files = evenly_spaced(read_manifest(split, read_classes())[0], count)
-    return np.stack([load_pixels(f, size, resize) for f in files]).astype(np.float32)
+    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while it decodes
+        decoded = list(pool.map(lambda f: load_pixels(f, size, resize), files))
+    return np.stack(decoded).astype(np.float32)
 
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height"]

@@ -145,19 +145,30 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     return run
 
 
-def write_tflite(saved_model: Path, variants: dict[str, Path],
+def load_saved_model(saved_model: Path):
+    """The SavedModel loaded, to convert from: every copy converted in one process reads
+    this one load (each converter given a path would load the 54M weights again)."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(saved_model))
+
+
+def write_tflite(saved_model, variants: dict[str, Path],
                  calibration: np.ndarray | None = None) -> None:
-    """Each TFLite variant ({variant: path}) from one converter: making a converter loads the
-    whole SavedModel, once; the files are byte-identical to fresh converters'.
-    `calibration`: float pixels of training images, for `int8` (full-integer weights and
-    activations; float pixels in and probabilities out, so every runner feeds it alike)."""
+    """Each TFLite variant ({variant: path}) of the SavedModel's pixels signature
+    (`saved_model`: its folder, or `load_saved_model`'s object, loaded once for all of
+    them). `calibration`: float pixels of training images, for `int8` (full-integer weights
+    and activations; float pixels in and probabilities out, so every runner feeds it
+    alike)."""
     import tensorflow as tf
 
     if not variants:
         return
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model),
-                                                         signature_keys=["predict_pixels"])
+    loaded = load_saved_model(saved_model) if isinstance(saved_model, Path) else saved_model
     for variant, path in variants.items():
+        # A converter per variant (one converts once); `loaded` holds the variables.
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [loaded.signatures["predict_pixels"]], loaded)
         converter.optimizations = ([tf.lite.Optimize.DEFAULT]
                                    if variant in ("dynamic", "float16", "int8") else [])
         converter.target_spec.supported_types = [tf.float16] if variant == "float16" else []
@@ -171,19 +182,20 @@ def write_tflite(saved_model: Path, variants: dict[str, Path],
         path.write_bytes(converter.convert())
 
 
-def write_openvino(saved_model: Path, variants: dict[str, Path],
+def write_openvino(saved_model, variants: dict[str, Path],
                    calibration: np.ndarray | None = None) -> None:
     """OpenVINO IR folders ({variant: folder}, each model.xml + model.bin) of the SavedModel's
-    pixels signature (its default one takes strings, which OpenVINO does not run): `float`
+    pixels signature (its default one takes strings, which OpenVINO does not run;
+    `saved_model`: its folder, or `load_saved_model`'s object): `float`
     keeps float32 weights (OpenVINO computes in bf16 by itself where the CPU has it), `int8`
     quantises weights and activations with NNCF's post-training quantisation, calibrated on
     `calibration` (float pixels of training images)."""
     import openvino as ov
-    import tensorflow as tf
 
     if not variants:
         return
-    loaded = tf.saved_model.load(str(saved_model))  # held: the signature needs its variables
+    # Held: the signature needs its variables.
+    loaded = load_saved_model(saved_model) if isinstance(saved_model, Path) else saved_model
     model = ov.convert_model(loaded.signatures["predict_pixels"])
     for variant, folder in variants.items():
         folder.mkdir(parents=True, exist_ok=True)
@@ -226,8 +238,9 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict
                 "agrees": agreement >= QUANTISED_MIN_AGREEMENT and cosine >= FEATURES_MIN_COSINE,
                 "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
 
+    loaded = load_saved_model(saved_model)  # once, for every copy
     with io.replacing(paths.SERVING_COPY) as tmp:
-        write_tflite(saved_model, {"dynamic": tmp})
+        write_tflite(loaded, {"dynamic": tmp})
         candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
     # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
     openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
@@ -235,7 +248,7 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict
     with io.replaced_dir(paths.OPENVINO_DIR) as staging:
         calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
                        if "int8" in openvino.values() else None)
-        write_openvino(saved_model, {v: staging / v for v in openvino.values()}, calibration)
+        write_openvino(loaded, {v: staging / v for v in openvino.values()}, calibration)
         for fmt, variant in openvino.items():
             candidates[fmt] = checked(fmt, staging / variant)
     return candidates
@@ -297,8 +310,6 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     `packaged`: formats the package stage already converted from it ({format: file or
     folder}: the serving candidates, TFLite and OpenVINO), shipped as they are and checked
     like the others."""
-    import tensorflow as tf
-
     from imgclf.data.manifests import evenly_spaced_indices, sample_pixels
 
     n_test = len(files)
@@ -320,14 +331,14 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                 shutil.copytree(source, format_path(staging, fmt))
             else:
                 shutil.copyfile(source, format_path(staging, fmt))
-        write_tflite(staging / SAVED_MODEL,
+        saved_model = load_saved_model(staging / SAVED_MODEL)  # checked and converted from
+        write_tflite(saved_model,
                      {v: staging / tflite_name(v) for v in params.export.tflite
                       if f"tflite_{v}" not in shipped},
                      sample_pixels("train", params.export.calibration_images, size, resize)
                      if "int8" in params.export.tflite else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
-        saved_model = tf.saved_model.load(str(staging / SAVED_MODEL))
         runners = {"saved_model": saved_model_runner(staging / SAVED_MODEL, saved_model)}
         names = [f"tflite_{v}" for v in params.export.tflite] + [
             f for f in shipped if f.startswith("openvino")]

@@ -101,17 +101,23 @@ def make_data(params: Params, classes: list[str]):
                 random_states)
 
 
-def shipped_copy(classifier, params: Params, num_classes: int):
-    """The trained model rebuilt as it ships, holding the same weights: outside any
-    distribution strategy (calibration and saving then need no other worker), without the
-    optimizer's state (the `.keras` file holds what serves, no more), and under the
-    float32 policy (mixed precision keeps its variables in float32 already: it is a training
-    speed-up; the model that ships computes in float32, so evaluation, export and serving
-    give the same answers on every machine, bf16 hardware or not)."""
+def shipped_copy(classifier, params: Params, num_classes: int, distributed: bool):
+    """The trained model as it ships, holding the same weights: outside any distribution
+    strategy (calibration and saving then need no other worker), without the optimizer's
+    state (the `.keras` file holds what serves, no more), and under the float32 policy
+    (mixed precision keeps its variables in float32 already: it is a training speed-up; the
+    model that ships computes in float32, so evaluation, export and serving give the same
+    answers on every machine, bf16 hardware or not). A model trained in float32 outside any
+    strategy is already all that: a new model over the same layers drops the optimizer,
+    where building the network again would cost as much as building it the first time."""
     import keras
 
-    from imgclf.model.network import build_classifier
+    from imgclf.model.network import Classifier, build_classifier
 
+    if not distributed and keras.mixed_precision.global_policy().name == "float32":
+        model = classifier.model
+        return Classifier(model=keras.Model(model.inputs, model.outputs, name=model.name),
+                          base=classifier.base, head_layers=classifier.head_layers)
     keras.mixed_precision.set_global_policy("float32")
     shipped = build_classifier(params.model, num_classes, None, seed=params.train.seed)
     shipped.model.set_weights(classifier.model.get_weights())
@@ -351,7 +357,8 @@ def _ship(classifier, data, params: Params, state, role,
     without the run id, the run's timings beyond its epochs)."""
     from imgclf.model.network import weights_digest
 
-    classifier = shipped_copy(classifier, params, data.num_classes)
+    classifier = shipped_copy(classifier, params, data.num_classes,
+                              distributed=role.strategy_name != "none")
     calibration = calibrate(classifier, data, params) if params.train.calibrate else {}
     _keep_embeddings(classifier, data, params)
     with io.replacing(paths.MODEL_FILE) as tmp:

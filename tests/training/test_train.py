@@ -47,6 +47,27 @@ def test_model_takes_raw_pixels_and_loads_in_safe_mode(tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_shipped_model_holds_the_trained_weights_and_no_optimizer(tmp_path):
+    from imgclf.model.network import weights_digest
+    from imgclf.params import Params
+    from imgclf.training.session import shipped_copy
+
+    clf = small_model()
+    clf.base.trainable = False  # a cheap step: the optimizer's state is the head's
+    clf.model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    x = np.random.default_rng(0).uniform(0, 255, (4, 75, 75, 3)).astype("float32")
+    clf.model.fit(x, np.eye(3)[[0, 1, 2, 0]], epochs=1, verbose=0)  # optimizer state exists
+    shipped = shipped_copy(clf, Params(), 3, distributed=False)
+    path = tmp_path / "m.keras"
+    shipped.model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert getattr(loaded, "optimizer", None) is None  # what serves, not what trained
+    assert weights_digest(loaded) == weights_digest(clf.model)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), clf.model.predict(x, verbose=0),
+                               atol=1e-6)
+
+
 def test_unfreeze_top_block_keeps_batchnorm_frozen():
     clf = small_model()
     unfreeze_top(clf.base, "block8_9_ac")
