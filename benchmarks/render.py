@@ -133,7 +133,10 @@ def _pipeline_at(pipeline: dict) -> list[str]:
     sizes = [str(small), str(large)]
     lines = ["", f"## The pipeline's cost, stage by stage ({pipeline['image_size']} px, "
              f"{pipeline['classes']} classes, {pipeline['photo']} photos)", "",
-             "Seconds of each stage through `dvc repro --single-item`, its fixed part (the "
+             "Seconds of each stage through `dvc repro --single-item`"
+             + (f" (the fastest of {pipeline['runs_per_size']} runs, each in a fresh "
+                "repository)" if pipeline.get("runs_per_size", 1) > 1 else "")
+             + ", its fixed part (the "
              "line through both sizes, at zero images: what the stage costs before its first "
              "image) and its peak memory (the DVC process and the stage), at each dataset "
              "size:", "",
