@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+EARLIER = "every other bench"  # measured_by's entry for a file's figures of unknown bench
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_JSON = ROOT / "reports/bench.json"
 PAGE = ROOT / "docs/performance.md"
@@ -177,7 +179,8 @@ def _measured_by(results: dict) -> list[str]:
         return []
     lines = ["", "Measured in several runs (`--only`), each bench's own:"]
     for name, r in runs.items():
-        label = name if " " in name else f"`{name}`"
+        head, _, tail = name.partition(" ")
+        label = name if name == EARLIER else f"`{head}`" + (f" at {tail}" if tail else "")
         isa = ", ".join(r["instruction_sets"]) or "no AVX"
         lines.append(f"- {label}: {r['cpu_model']} ({isa}), {r['date']}, "
                      f"commit `{r['commit'][:7]}`")

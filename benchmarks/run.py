@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.render import EARLIER  # noqa: E402
 from imgclf import io  # noqa: E402
 
 
@@ -987,7 +988,6 @@ BENCHES = {
 INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 
-EARLIER = "every other bench"  # measured_by's entry for a file's figures of unknown bench
 
 
 def machine() -> dict:
@@ -1003,6 +1003,12 @@ def machine() -> dict:
             "instruction_sets": [f for f in INSTRUCTION_SETS if f in flags],
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "commit": commit}
+
+
+def run_name(name: str, args) -> str:
+    """The bench as measured_by names it: the pipeline's cost once per image size (its keys
+    carry the size, and each size is a run of its own)."""
+    return f"{name} {args.step_size} px" if name == "pipeline_cost" else name
 
 
 def main() -> None:
@@ -1048,8 +1054,8 @@ def main() -> None:
             start = time.perf_counter()
             print(f"bench {name} ...", flush=True)
             results.update(BENCHES[name](Path(tmp), args))
-            runs[name] = {k: results["machine"][k] for k in ("cpu_model", "instruction_sets",
-                                                             "date", "commit")}
+            runs[run_name(name, args)] = {k: results["machine"][k] for k in (
+                "cpu_model", "instruction_sets", "date", "commit")}
             print(f"bench {name}: {time.perf_counter() - start:.0f} s", flush=True)
             io.write_json(output, results)  # what is measured survives a later failure
     print(f"\n{'measure':<34}{'value':>12}")
