@@ -33,9 +33,12 @@ def main() -> None:
         # The export's traced graph runs the serving check and the test split: one trace.
         forward = formats.write_saved_model(model, read_classes(), size, resize, staging)
     # Every candidate checked through the SavedModel's traced graph: the Keras model's answers.
-    candidates = formats.serving_candidates(params, forward, paths.SAVED_MODEL_DIR)
-    reference.write(forward, read_manifest("test", read_classes())[0], size, resize,
-                    params.prepare.max_pixels, trained.weights_digest)
+    # The test split's reference runs while the OpenVINO copies convert in their own process.
+    candidates = formats.serving_candidates(
+        params, forward, paths.SAVED_MODEL_DIR,
+        meanwhile=lambda: reference.write(forward, read_manifest("test", read_classes())[0],
+                                          size, resize, params.prepare.max_pixels,
+                                          trained.weights_digest))
     PackageReport(weights_digest=trained.weights_digest, candidates=candidates).write()
     print(f"package: {paths.SAVED_MODEL_DIR}, {paths.KERAS_TEST_PROBS}, serving candidates "
           "(against Keras on validation images: decided top-1 agreement, smallest cosine of "

@@ -15,8 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -210,10 +215,49 @@ def write_openvino(saved_model, variants: dict[str, Path],
             ov.save_model(model, str(folder / OPENVINO_XML), compress_to_fp16=False)
 
 
+@contextlib.contextmanager
+def openvino_converting(saved_model: Path, variants: dict[str, Path],
+                        calibration: np.ndarray | None = None) -> Iterator[None]:
+    """`write_openvino(saved_model, variants, calibration)` in a child process
+    (`imgclf.export.openvino_job`) while the caller's block runs; on leaving the block, waits
+    for it and raises its error if it failed. An error in the block kills it. The converters
+    (TFLite's, OpenVINO's, NNCF's statistics) are mostly single-threaded: the caller converts
+    the TFLite copy meanwhile instead of after it."""
+    if not variants:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
+        source = "-"
+        if calibration is not None:
+            source = str(Path(tmp) / "calibration.npy")
+            np.save(source, calibration)
+        log = Path(tmp) / "log"
+        with open(log, "wb") as out:
+            # stdin stays open while the job runs: it exits when the pipe closes (this
+            # process died), see openvino_job.
+            job = subprocess.Popen(
+                [sys.executable, "-m", "imgclf.export.openvino_job", str(saved_model), source,
+                 *(f"{v}={folder}" for v, folder in variants.items())],
+                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                yield
+                code = job.wait()
+            except BaseException:
+                job.kill()
+                job.wait()
+                raise
+            finally:
+                job.stdin.close()
+        if code != 0:
+            raise RuntimeError(f"OpenVINO conversion failed (exit code {code}):\n"
+                               + log.read_text(errors="replace")[-3000:])
+
+
 SERVING_SAMPLE = 256  # validation images each serving candidate is checked on: +-1 point at 98%
 
 
-def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict[str, dict]:
+def serving_candidates(params: Params, keras_forward, saved_model: Path,
+                       meanwhile: Callable[[], None] = lambda: None) -> dict[str, dict]:
     """What the registered model may serve with, converted from the model's SavedModel: the
     dynamic-range TFLite copy (paths.SERVING_COPY, always) and the OpenVINO copies
     `package.openvino` names (paths.OPENVINO_DIR, one folder each), each written in one
@@ -221,12 +265,15 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict
     on up to SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest
     cosine similarity of its pooled features (what the status reads); whether both reach
     their gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its
-    size and what it computed in."""
+    size and what it computed in. The OpenVINO copies convert in a process of their own
+    while this one converts and checks the TFLite copy, then runs `meanwhile` (the caller's
+    other work)."""
     from imgclf.data.manifests import sample_pixels
 
     size, resize = params.model.image_size, params.model.resize
-    pixels = sample_pixels("val", SERVING_SAMPLE, size, resize)
-    reference, reference_features = in_chunks(keras_forward, pixels)
+    # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
+    openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
+                if path.parent == paths.OPENVINO_DIR and path.name in params.package.openvino}
 
     def checked(fmt: str, path: Path) -> dict:
         runner = load_runner(fmt, path)
@@ -238,17 +285,18 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path) -> dict
                 "agrees": agreement >= QUANTISED_MIN_AGREEMENT and cosine >= FEATURES_MIN_COSINE,
                 "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
 
-    loaded = load_saved_model(saved_model)  # once, for every copy
-    with io.replacing(paths.SERVING_COPY) as tmp:
-        write_tflite(loaded, {"dynamic": tmp})
-        candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
-    # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
-    openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
-                if path.parent == paths.OPENVINO_DIR and path.name in params.package.openvino}
     with io.replaced_dir(paths.OPENVINO_DIR) as staging:
         calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
                        if "int8" in openvino.values() else None)
-        write_openvino(loaded, {v: staging / v for v in openvino.values()}, calibration)
+        with openvino_converting(saved_model, {v: staging / v for v in openvino.values()},
+                                 calibration):
+            del calibration  # the job reads its own copy
+            pixels = sample_pixels("val", SERVING_SAMPLE, size, resize)
+            reference, reference_features = in_chunks(keras_forward, pixels)
+            with io.replacing(paths.SERVING_COPY) as tmp:
+                write_tflite(saved_model, {"dynamic": tmp})
+                candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
+            meanwhile()
         for fmt, variant in openvino.items():
             candidates[fmt] = checked(fmt, staging / variant)
     return candidates

@@ -27,6 +27,30 @@ def test_recommended_is_the_fastest_that_agrees_when_timed_else_the_smallest():
     assert recommend(timed, ["saved_model"]) == "saved_model"
 
 
+def test_an_openvino_conversion_that_fails_stops_the_stage_with_its_error(tmp_path):
+    from imgclf.export.formats import openvino_converting
+
+    out = tmp_path / "float"
+    with pytest.raises(RuntimeError, match="OpenVINO conversion failed") as failed, \
+            openvino_converting(tmp_path / "no_saved_model", {"float": out}):
+        pass  # the caller's own work, done while the job converts
+    assert "no_saved_model" in str(failed.value)  # the job's own error, not just its code
+    assert not out.exists()
+
+
+def test_the_openvino_job_exits_when_its_parent_is_gone(tmp_path):
+    import subprocess
+    import sys
+
+    # The pipe's other end closed at once, as when the package stage is killed: the job
+    # stops instead of converting into a staging folder nobody will read.
+    job = subprocess.Popen([sys.executable, "-m", "imgclf.export.openvino_job",
+                            str(tmp_path / "saved_model"), "-", f"float={tmp_path / 'float'}"],
+                           stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    job.stdin.close()
+    assert job.wait(timeout=60) == 3, job.stderr.read().decode()[-2000:]
+
+
 def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     # Timed too (export.measure): the speed table and the served version's costs.
     set_params(trained_project, export__measure=True)

@@ -1,0 +1,49 @@
+"""`python -m imgclf.export.openvino_job SAVED_MODEL CALIBRATION VARIANT=FOLDER...`:
+`formats.write_openvino` in a process of its own (`formats.openvino_converting` starts it).
+
+CALIBRATION is a `.npy` of float pixels (int8's calibration images) or `-` for none. The
+package stage converts the TFLite copy and runs its checks while this runs: the converters
+are mostly single-threaded, so on a machine with a second core the two overlap instead of
+queueing. The job exits as soon as its standard input closes, so a parent that dies (even by
+SIGKILL) takes it along instead of leaving it converting into a staging folder nobody reads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+
+def _exit_with_parent() -> None:
+    sys.stdin.buffer.read()  # returns at end of file: the parent closed the pipe or died
+    os._exit(3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    import numpy as np
+
+    from imgclf.export.formats import write_openvino
+
+    saved_model, calibration, *targets = args
+    variants = {v: Path(folder) for v, folder in (t.split("=", 1) for t in targets)}
+    code = 0
+    try:
+        write_openvino(Path(saved_model), variants,
+                       None if calibration == "-" else np.load(calibration))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # Not a normal interpreter exit: it would wait on the thread's read of stdin, still
+    # blocked while the parent holds the pipe open, and abort.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
