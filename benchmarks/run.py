@@ -475,30 +475,38 @@ def _timed(cmd: list[str], cwd: Path, log: Path | None = None) -> tuple[float, f
         return seconds, int(peak.read()) / 1024
 
 
-def _forward_seconds(repo: Path, size: int) -> float:
-    """One Keras forward pass of the whole model over the repo's train + val + test images
-    (decode included, as every stage pays it), in a fresh process: the faster of two, since
-    every ratio divides by it (one slow pass once made the marginal ratio 0.81, not 3.2)."""
+def _forward_seconds(repos: dict[int, Path], size: int, repeats: int = 3) -> dict[int, float]:
+    """One Keras forward pass of the whole model over each repo's train + val + test images
+    (decode included, as every stage pays it), {images: seconds}: all sizes in one fresh
+    process, their passes interleaved, the fastest of `repeats` each. Every ratio divides by
+    the difference between two of them: a stall in one pass measured alone once doubled it
+    (20.5 s for 320 images at 150 px, 10.2 s measured again)."""
     code = f"""
-import time, sys
+import json, os, time
 from imgclf.data.manifests import read_classes, read_manifest
 from imgclf.data.pipeline import image_dataset
 from imgclf.model.network import build_classifier
 from imgclf.params import load_params
-params = load_params()
-classes = read_classes()
-files = sum((read_manifest(s, classes)[0] for s in ("train", "val", "test")), [])
-clf = build_classifier(params.model, len(classes), None)
-images = image_dataset(files, None, 0, {size}, "crop", 32)
-clf.model.predict(images.take(1), verbose=0)  # traced once, not timed
-times = []
-for _ in range(2):
-    start = time.perf_counter()
-    clf.model.predict(images, verbose=0)
-    times.append(time.perf_counter() - start)
-print(min(times))
+repos = {json.dumps({n: str(r) for n, r in repos.items()})}
+datasets = {{}}
+for n, repo in repos.items():
+    os.chdir(repo)
+    classes = read_classes()
+    files = sum((read_manifest(s, classes)[0] for s in ("train", "val", "test")), [])
+    datasets[n] = image_dataset([os.path.join(repo, f) for f in files], None, 0, {size},
+                                "crop", 32)
+clf = build_classifier(load_params().model, len(classes), None)
+clf.model.predict(next(iter(datasets.values())).take(1), verbose=0)  # traced once, not timed
+best = {{}}
+for _ in range({repeats}):
+    for n, images in datasets.items():
+        start = time.perf_counter()
+        clf.model.predict(images, verbose=0)
+        best[n] = min(best.get(n, float("inf")), time.perf_counter() - start)
+print(json.dumps(best))
 """
-    return float(_run([sys.executable, "-c", code], repo).stdout.strip().splitlines()[-1])
+    out = _run([sys.executable, "-c", code], next(iter(repos.values()))).stdout
+    return {int(n): t for n, t in json.loads(out.strip().splitlines()[-1]).items()}
 
 
 def _cache_mb(repo: Path) -> float:
@@ -532,8 +540,10 @@ def bench_pipeline_cost(work: Path, args) -> dict:
                   for k, v in stages.items()}
         runs[images] = {"repo": repo, "stages": stages,
                         "pipeline_seconds": sum(s["seconds"] for s in stages.values()),
-                        "forward_seconds": _forward_seconds(repo, size),
                         "features_mb": _dir_mb(repo / "data/features")}
+    for images, seconds in _forward_seconds({n: r["repo"] for n, r in runs.items()},
+                                            size).items():
+        runs[images]["forward_seconds"] = seconds
     small, large = sorted(runs)
     slope = ((runs[large]["pipeline_seconds"] - runs[small]["pipeline_seconds"])
              / (large - small))
