@@ -998,8 +998,6 @@ BENCHES = {
 INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 
-
-
 def machine() -> dict:
     """What the figures were measured on, and when: docs/performance.md prints it once."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

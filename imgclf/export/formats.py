@@ -150,9 +150,12 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     return run
 
 
-def load_saved_model(saved_model: Path):
+def load_saved_model(saved_model):
     """The SavedModel loaded, to convert from: every copy converted in one process reads
-    this one load (each converter given a path would load the 54M weights again)."""
+    this one load (each converter given a path would load the 54M weights again).
+    `saved_model`: its folder, or an object this function returned (returned as it is)."""
+    if not isinstance(saved_model, Path):
+        return saved_model
     import tensorflow as tf
 
     return tf.saved_model.load(str(saved_model))
@@ -169,7 +172,7 @@ def write_tflite(saved_model, variants: dict[str, Path],
 
     if not variants:
         return
-    loaded = load_saved_model(saved_model) if isinstance(saved_model, Path) else saved_model
+    loaded = load_saved_model(saved_model)
     for variant, path in variants.items():
         # A converter per variant (one converts once); `loaded` holds the variables.
         converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -200,7 +203,7 @@ def write_openvino(saved_model, variants: dict[str, Path],
     if not variants:
         return
     # Held: the signature needs its variables.
-    loaded = load_saved_model(saved_model) if isinstance(saved_model, Path) else saved_model
+    loaded = load_saved_model(saved_model)
     model = ov.convert_model(loaded.signatures["predict_pixels"])
     for variant, folder in variants.items():
         folder.mkdir(parents=True, exist_ok=True)
