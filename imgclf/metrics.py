@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
+
+# scikit-learn is imported by the functions that use it: the stages that only compare
+# formats (package, register, export) read this module too, and importing it costs seconds.
 
 
 def summary_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
     """accuracy, top5_accuracy, macro/weighted F1, log loss, n_test."""
+    from sklearn.metrics import f1_score, log_loss, top_k_accuracy_score
+
     num_classes = probs.shape[1]
     classes = np.arange(num_classes)
     predicted = probs.argmax(axis=1)
@@ -40,6 +38,8 @@ def _normalised(probs: np.ndarray) -> np.ndarray:
 
 
 def per_class_table(probs: np.ndarray, labels: np.ndarray, class_names: list[str]):
+    from sklearn.metrics import precision_recall_fscore_support
+
     classes = np.arange(len(class_names))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, probs.argmax(axis=1), labels=classes, zero_division=0)
@@ -48,6 +48,8 @@ def per_class_table(probs: np.ndarray, labels: np.ndarray, class_names: list[str
 
 
 def confusion(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(labels, probs.argmax(axis=1), labels=np.arange(num_classes))
 
 

@@ -76,6 +76,10 @@ class PackageReport(StageReport):
     # agrees (both reach their gates: it may serve), size_mb, precision (what the engine
     # computed in, where it chooses)
     candidates: dict
+    # The SavedModel as loaded back, against Keras on validation images
+    # (formats.checked_saved_model): parity keys of its pixels signature, checked_images,
+    # size_mb, bytes_signature_top1_agreement, bytes_signature_images_counted
+    saved_model: dict
 
     def passing(self) -> list[str]:
         """The candidates that may serve."""

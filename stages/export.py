@@ -2,10 +2,11 @@
 (and speed).
 
 Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
-wrote (its SavedModel and serving candidates ship as they are; its Keras test probabilities are the
-reference). Writes models/export/ and reports/export.json (logged to the training run); with
-export.measure, every format's speed and the served version's costs (`mlflow models serve`).
-Fails when an exact format differs from Keras, or the image-bytes signature agrees <99%.
+wrote (its SavedModel, checked there, and serving candidates ship as they are; its Keras test
+probabilities are the reference). Writes models/export/ and reports/export.json (logged to
+the training run); with export.measure, every format's speed and the served version's costs
+(`mlflow models serve`). Fails when an exact format differs from Keras. Loads TensorFlow only
+to convert a TFLite variant package did not make, or to time (export.measure).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main() -> None:
     classes = read_classes()
     files, _ = read_manifest("test", classes)
     report = export_all(params, paths.MODEL_FILE, classes, files, paths.SAVED_MODEL_DIR,
-                        reference.read(files, package.weights_digest),
+                        reference.read(files, package.weights_digest), package.saved_model,
                         {fmt: paths.SERVING_FORMATS[fmt] for fmt in package.candidates})
     if params.export.measure:
         report["serving"] = registered_serving(registered, files, Path.cwd())

@@ -2,12 +2,14 @@
 
 Reads params package, model (image_size, resize), prepare.max_pixels. Writes
 models/saved_model/ (image bytes or pixels in: what every other copy is converted from, and
-what export ships), the serving candidates register chooses from, each with its agreement
-with Keras on validation images: models/model_dynamic.tflite and models/openvino/ (float,
-int8, as package.openvino names), models/keras_test_probs.npz (the Keras model's test-split
-probabilities and pooled features, what evaluate and export compare with instead of running
-Keras again) and reports/package.json. Every format answers the probabilities and the
-pooled features from one forward pass (what the selective scores read).
+what export ships; loaded back and checked against Keras on validation images: its pixels
+signature exact, its image-bytes signature the same top-1 on >= 99% of those that are no
+close call, else the stage fails), the serving candidates register chooses from, each with
+its agreement with Keras on validation images: models/model_dynamic.tflite and
+models/openvino/ (float, int8, as package.openvino names), models/keras_test_probs.npz (the
+Keras model's test-split probabilities and pooled features, what evaluate and export compare
+with instead of running Keras again) and reports/package.json. Every format answers the
+probabilities and the pooled features from one forward pass (what the selective scores read).
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ def main() -> None:
         forward = formats.write_saved_model(model, read_classes(), size, resize, staging)
     # Every candidate checked through the SavedModel's traced graph: the Keras model's answers.
     # The test split's reference runs while the OpenVINO copies convert in their own process.
-    candidates = formats.serving_candidates(
+    candidates, saved_model_check = formats.serving_candidates(
         params, forward, paths.SAVED_MODEL_DIR,
         meanwhile=lambda: reference.write(forward, read_manifest("test", read_classes())[0],
                                           size, resize, params.prepare.max_pixels,
                                           trained.weights_digest))
-    PackageReport(weights_digest=trained.weights_digest, candidates=candidates).write()
-    print(f"package: {paths.SAVED_MODEL_DIR}, {paths.KERAS_TEST_PROBS}, serving candidates "
-          "(against Keras on validation images: decided top-1 agreement, smallest cosine of "
-          "the pooled features):")
+    PackageReport(weights_digest=trained.weights_digest, candidates=candidates,
+                  saved_model=saved_model_check).write()
+    print(f"package: {paths.SAVED_MODEL_DIR} (as loaded back: Keras's answers, max difference "
+          f"{saved_model_check['max_abs_diff']:.1e}; its image-bytes signature agrees on "
+          f"{saved_model_check['bytes_signature_top1_agreement']:.1%} of "
+          f"{saved_model_check['bytes_signature_images_counted']} validation images), "
+          f"{paths.KERAS_TEST_PROBS}, serving candidates (against Keras on validation images: "
+          "decided top-1 agreement, smallest cosine of the pooled features):")
     for fmt, c in candidates.items():
         gate = "" if c["agrees"] else "  (below a gate: auto never serves it)"
         engine = f"  computes in {c['precision']}" if c["precision"] else ""

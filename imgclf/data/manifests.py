@@ -66,17 +66,26 @@ def evenly_spaced(files: list[str], count: int) -> list[str]:
     return [files[i] for i in evenly_spaced_indices(len(files), count)]
 
 
-def sample_pixels(split: str, count: int, size: int, resize: str) -> np.ndarray:
-    """Up to `count` images of `split`, evenly spaced through its manifest (so every class is
-    seen), as float pixels the model takes."""
+def sample_files(split: str, count: int) -> list[str]:
+    """Up to `count` files of `split`, evenly spaced through its manifest (so every class is
+    seen)."""
+    return evenly_spaced(read_manifest(split, read_classes())[0], count)
+
+
+def pixels_of(files: list[str], size: int, resize: str) -> np.ndarray:
+    """`files` decoded as float pixels the model takes."""
     from concurrent.futures import ThreadPoolExecutor
 
     from imgclf.data.images import load_pixels
 
-    files = evenly_spaced(read_manifest(split, read_classes())[0], count)
     with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while it decodes
         decoded = list(pool.map(lambda f: load_pixels(f, size, resize), files))
     return np.stack(decoded).astype(np.float32)
+
+
+def sample_pixels(split: str, count: int, size: int, resize: str) -> np.ndarray:
+    """`sample_files(split, count)` as float pixels the model takes."""
+    return pixels_of(sample_files(split, count), size, resize)
 
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height"]

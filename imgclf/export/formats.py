@@ -168,10 +168,10 @@ def write_tflite(saved_model, variants: dict[str, Path],
     them). `calibration`: float pixels of training images, for `int8` (full-integer weights
     and activations; float pixels in and probabilities out, so every runner feeds it
     alike)."""
-    import tensorflow as tf
-
     if not variants:
         return
+    import tensorflow as tf
+
     loaded = load_saved_model(saved_model)
     for variant, path in variants.items():
         # A converter per variant (one converts once); `loaded` holds the variables.
@@ -259,8 +259,33 @@ def openvino_converting(saved_model: Path, variants: dict[str, Path],
 SERVING_SAMPLE = 256  # validation images each serving candidate is checked on: +-1 point at 98%
 
 
+def checked_saved_model(loaded, path: Path, files: list[str], pixels: np.ndarray,
+                        reference: np.ndarray) -> dict:
+    """The SavedModel written at `path`, as loaded back (`loaded`), against the Keras model
+    (`reference`: its probabilities on `pixels`, `files` decoded by the pipeline): its pixels
+    signature on the first CHUNK images must give Keras's answers up to round-off
+    (FLOAT_TOLERANCE), its image-bytes signature (decoding in TensorFlow) the same top-1 on
+    >= BYTES_MIN_AGREEMENT of the files that are no close call; RuntimeError otherwise.
+    Returns the check: parity keys, checked_images, size_mb, bytes_signature_*."""
+    from imgclf.serving.runners import CHUNK
+
+    runner = saved_model_runner(path, loaded)
+    checked = min(len(pixels), CHUNK)
+    exact = parity(reference[:checked], runner(pixels[:checked]))
+    if exact["top1_agreement"] < 1.0 or exact["max_abs_diff"] > FLOAT_TOLERANCE:
+        raise RuntimeError(f"the SavedModel's pixels signature differs from Keras: {exact}")
+    agreed, counted = bytes_agreement(loaded, files, reference, CHUNK)
+    if agreed < BYTES_MIN_AGREEMENT:
+        raise RuntimeError(f"the SavedModel's image-bytes signature agrees with Keras on top-1 "
+                           f"for {agreed} < {BYTES_MIN_AGREEMENT} of the {counted} images "
+                           "that are no close call")
+    return {"size_mb": round(runner.size_bytes / 1e6, 2), **exact, "checked_images": checked,
+            "bytes_signature_top1_agreement": agreed,
+            "bytes_signature_images_counted": counted}
+
+
 def serving_candidates(params: Params, keras_forward, saved_model: Path,
-                       meanwhile: Callable[[], None] = lambda: None) -> dict[str, dict]:
+                       meanwhile: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
     """What the registered model may serve with, converted from the model's SavedModel: the
     dynamic-range TFLite copy (paths.SERVING_COPY, always) and the OpenVINO copies
     `package.openvino` names (paths.OPENVINO_DIR, one folder each), each written in one
@@ -269,9 +294,10 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path,
     cosine similarity of its pooled features (what the status reads); whether both reach
     their gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its
     size and what it computed in. The OpenVINO copies convert in a process of their own
-    while this one converts and checks the TFLite copy, then runs `meanwhile` (the caller's
-    other work)."""
-    from imgclf.data.manifests import sample_pixels
+    while this one converts and checks the TFLite copy and the SavedModel itself
+    (`checked_saved_model`, on the same images), then runs `meanwhile` (the caller's other
+    work). Returns (candidates by format, the SavedModel's check)."""
+    from imgclf.data.manifests import pixels_of, sample_files, sample_pixels
 
     size, resize = params.model.image_size, params.model.resize
     # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
@@ -294,15 +320,20 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path,
         with openvino_converting(saved_model, {v: staging / v for v in openvino.values()},
                                  calibration):
             del calibration  # the job reads its own copy
-            pixels = sample_pixels("val", SERVING_SAMPLE, size, resize)
+            files = sample_files("val", SERVING_SAMPLE)
+            pixels = pixels_of(files, size, resize)
             reference, reference_features = in_chunks(keras_forward, pixels)
+            loaded = load_saved_model(saved_model)  # converted from and checked once
             with io.replacing(paths.SERVING_COPY) as tmp:
-                write_tflite(saved_model, {"dynamic": tmp})
+                write_tflite(loaded, {"dynamic": tmp})
                 candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
+            saved_model_check = checked_saved_model(loaded, saved_model, files, pixels,
+                                                    reference)
+            del loaded
             meanwhile()
         for fmt, variant in openvino.items():
             candidates[fmt] = checked(fmt, staging / variant)
-    return candidates
+    return candidates, saved_model_check
 
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,
@@ -348,16 +379,19 @@ def recommend(formats: dict[str, dict], exact: list[str]) -> str:
 
 
 def export_all(params: Params, keras_file: Path, classes: list[str], files: list[str],
-               saved_model: Path, keras_probs: np.ndarray,
+               saved_model: Path, keras_probs: np.ndarray, saved_model_check: dict,
                packaged: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format, checked against the Keras model on (up to
     `export.parity_images` of) the test files, with its size (and with `export.measure`, its
     speed); returns the report.
     `keras_file`: the Keras model, loaded only when `export.measure` times it (the parity
     reference is `keras_probs`, so an unmeasured export never loads it);
-    `saved_model`: the model's SavedModel (register's), shipped as it is and the source of
-    the TFLite variants; `keras_probs`: the Keras model's probabilities on every test file
-    (register's, models/keras_test_probs.npz): the reference, not computed again;
+    `saved_model`: the model's SavedModel (package's), shipped as it is and the source of
+    the TFLite variants package did not convert; `saved_model_check`: package's check of it
+    (`checked_saved_model`, on validation images), reported as its agreement: TensorFlow is
+    loaded here only to convert a TFLite variant or to time (export.measure);
+    `keras_probs`: the Keras model's probabilities on every test file
+    (package's, models/keras_test_probs.npz): the reference, not computed again;
     `packaged`: formats the package stage already converted from it ({format: file or
     folder}: the serving candidates, TFLite and OpenVINO), shipped as they are and checked
     like the others."""
@@ -370,7 +404,7 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     files, reference = [files[i] for i in chosen], keras_probs[chosen]
 
     size, resize = params.model.image_size, params.model.resize
-    batch = params.export.bench_batch_size
+    batch, measure = params.export.bench_batch_size, params.export.measure
     with io.replaced_dir(paths.EXPORT_DIR) as staging:
         shutil.copytree(saved_model, staging / SAVED_MODEL)
         # The OpenVINO copies ship whenever package made them; TFLite variants as
@@ -382,25 +416,20 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                 shutil.copytree(source, format_path(staging, fmt))
             else:
                 shutil.copyfile(source, format_path(staging, fmt))
-        saved_model = load_saved_model(staging / SAVED_MODEL)  # checked and converted from
-        write_tflite(saved_model,
-                     {v: staging / tflite_name(v) for v in params.export.tflite
-                      if f"tflite_{v}" not in shipped},
+        converted = {v: staging / tflite_name(v) for v in params.export.tflite
+                     if f"tflite_{v}" not in shipped}
+        loaded = (load_saved_model(staging / SAVED_MODEL)  # converted from, timed
+                  if converted or measure else None)
+        write_tflite(loaded, converted,
                      sample_pixels("train", params.export.calibration_images, size, resize)
-                     if "int8" in params.export.tflite else None)
+                     if "int8" in converted else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
-        runners = {"saved_model": saved_model_runner(staging / SAVED_MODEL, saved_model)}
         names = [f"tflite_{v}" for v in params.export.tflite] + [
             f for f in shipped if f.startswith("openvino")]
-        runners.update({n: load_runner(n, format_path(staging, n)) for n in names})
-        probs, first = collect_probs({n: r for n, r in runners.items() if n != "saved_model"},
-                                     files, size, resize, batch)
-        # The SavedModel's pixels signature is the Keras graph itself, exact or broken
-        # everywhere: one batch checks it (its image-bytes signature, which decodes in
-        # TensorFlow, is checked on every parity image below).
-        probs["saved_model"] = runners["saved_model"](first)
-        sample, measure = first[:8], params.export.measure
+        runners = {n: load_runner(n, format_path(staging, n)) for n in names}
+        probs, first = collect_probs(runners, files, size, resize, batch)
+        sample = first[:8]
 
         def timed(runner) -> dict:  # every format timed on the same batch, or none
             return speed(runner, sample, batch) if measure else {}
@@ -416,6 +445,12 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
         formats["keras"] = {"size_mb": round(keras_file.stat().st_size / 1e6, 2),
                             **keras_timing, "top1_agreement": 1.0,
                             "max_abs_diff": 0.0, "checked_images": len(files)}
+        # The SavedModel is the Keras graph itself, exact or broken everywhere: package
+        # checked it as loaded back from disk, with its image-bytes signature.
+        formats["saved_model"] = {
+            **{k: v for k, v in saved_model_check.items() if not k.startswith("bytes_")},
+            **(timed(saved_model_runner(staging / SAVED_MODEL, loaded)) if measure else {}),
+            "checked_on": "validation"}
         for name, runner in runners.items():
             checked = len(probs[name])
             formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2), **timed(runner),
@@ -427,11 +462,6 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
         if broken:
             raise RuntimeError(f"export parity failed for {broken}: "
                                f"{ {n: formats[n] for n in broken} }")
-        bytes_agreed, bytes_counted = bytes_agreement(saved_model, files, reference, batch)
-        if bytes_agreed < BYTES_MIN_AGREEMENT:
-            raise RuntimeError(f"export parity failed for the image-bytes signature: top-1 "
-                               f"agreement {bytes_agreed} < {BYTES_MIN_AGREEMENT} on the "
-                               f"{bytes_counted} test images that are no close call")
         recommended = recommend(formats, exact)
         report = {
             "n_test": n_test, "parity_images": len(files), "image_size": size,
@@ -441,8 +471,9 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
             "speedup_vs_keras_predict": round(
                 formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2)
             if measure else None,
-            "bytes_signature_top1_agreement": bytes_agreed,
-            "bytes_signature_images_counted": bytes_counted,
+            # package's check, on validation images
+            "bytes_signature_top1_agreement": saved_model_check["bytes_signature_top1_agreement"],
+            "bytes_signature_images_counted": saved_model_check["bytes_signature_images_counted"],
         }
         (staging / META).write_text(json.dumps(
             {"image_size": size, "resize": resize, "recommended": recommended,

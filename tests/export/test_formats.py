@@ -166,11 +166,91 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
                                                               for i in probs.argmax(1)]
     np.testing.assert_allclose(out["confidence"].numpy(), probs.max(axis=1), atol=1e-6)
     # It decodes and resizes in TensorFlow; its answers are the Keras model's on the
-    # pipeline's pixels, up to resampling round-off, and the report says how often top-1 agrees.
+    # pipeline's pixels, up to resampling round-off.
     reference = keras_model.predict(pixels)
     assert np.abs(probs - reference).max() < 0.05
-    counted = decided(reference)  # close calls (round-off may flip them) are not counted
-    assert report["bytes_signature_images_counted"] == int(counted.sum())
+    # package checked it, loaded back, on the validation images (all of them here), and
+    # says how often top-1 agrees; export reports that check as it is.
+    val = (trained_project / "data/prepared/val.csv").read_text().splitlines()[1:]
+    val_files = [trained_project / line.split(",")[0] for line in val]
+    val_pixels = np.concatenate([p for _, p, _ in iter_batches([str(f) for f in val_files],
+                                                                75, "crop", 32)])
+    val_reference = keras_model.predict(val_pixels)
+    val_probs = served(image_bytes=tf.constant([f.read_bytes() for f in val_files]))[
+        "probabilities"].numpy()
+    counted = decided(val_reference)  # close calls (round-off may flip them) are not counted
+    checked = json.loads((trained_project / "reports/package.json").read_text())["saved_model"]
+    assert checked["bytes_signature_images_counted"] == int(counted.sum())
     if counted.any():
-        assert report["bytes_signature_top1_agreement"] == pytest.approx(
-            float((probs.argmax(1) == reference.argmax(1))[counted].mean()), abs=1e-6)
+        assert checked["bytes_signature_top1_agreement"] == pytest.approx(
+            float((val_probs.argmax(1) == val_reference.argmax(1))[counted].mean()), abs=1e-6)
+    for key in ("bytes_signature_images_counted", "bytes_signature_top1_agreement"):
+        assert report[key] == checked[key]
+
+
+
+def test_export_of_the_packaged_copies_runs_without_tensorflow(trained_project, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    # A copy of the project, its files linked (export replaces what it writes, never edits
+    # it in place) but for the database MLflow writes into.
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project, symlinks=True,
+                    copy_function=lambda src, dst: (shutil.copy2 if src.endswith(".db")
+                                                    else os.link)(src, dst))
+    set_params(project, export__tflite=["dynamic"], export__measure=False)
+    no_tensorflow = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+                     "sys.modules['keras'] = None; runpy.run_module('stages.export', "
+                     "run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    result = subprocess.run([sys.executable, "-c", no_tensorflow], cwd=project, text=True,
+                            capture_output=True, env={**env, "PYTHONPATH": str(ROOT)},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((project / "reports/export.json").read_text())
+    assert set(report["formats"]) == {"keras", "saved_model", "tflite_dynamic", "openvino",
+                                      "openvino_int8"}
+    packaged = json.loads((project / "reports/package.json").read_text())["saved_model"]
+    assert report["formats"]["saved_model"]["max_abs_diff"] == packaged["max_abs_diff"]
+    assert (project / "models/export/saved_model/saved_model.pb").is_file()
+
+class _FakeSavedModel:
+    """A loaded SavedModel's two signatures, answering what the test hands them."""
+
+    def __init__(self, pixels_probs: np.ndarray, bytes_probs: np.ndarray):
+        self.signatures = {
+            "predict_pixels": lambda pixels: {"probabilities": tf.constant(pixels_probs)},
+            "serving_default": lambda image_bytes: {
+                "probabilities": tf.constant(bytes_probs[:len(image_bytes)])}}
+
+
+def test_package_refuses_a_saved_model_that_does_not_answer_as_keras(tmp_path):
+    from imgclf.export.formats import checked_saved_model
+
+    (tmp_path / "saved_model").mkdir()
+    files = []
+    for i in range(10):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Path(files[-1]).write_bytes(b"image")
+    pixels = np.zeros((10, 75, 75, 3), np.float32)
+    keras_probs = np.eye(3, dtype=np.float32)[np.arange(10) % 3] * 0.9 + 0.1 / 3  # decided
+    wrong = np.roll(keras_probs, 1, axis=1)
+
+    check = checked_saved_model(_FakeSavedModel(keras_probs, keras_probs), tmp_path /
+                                "saved_model", files, pixels, keras_probs)
+    assert check["bytes_signature_top1_agreement"] == 1.0
+    assert check["bytes_signature_images_counted"] == 10
+    with pytest.raises(RuntimeError, match="pixels signature differs"):
+        checked_saved_model(_FakeSavedModel(keras_probs + 1e-3, keras_probs),
+                            tmp_path / "saved_model", files, pixels, keras_probs)
+    # One image of ten decoded differently by TensorFlow: 90% < 99%.
+    bytes_probs = keras_probs.copy()
+    bytes_probs[4] = wrong[4]
+    with pytest.raises(RuntimeError, match="image-bytes signature agrees .* 0.9 <"):
+        checked_saved_model(_FakeSavedModel(keras_probs, bytes_probs),
+                            tmp_path / "saved_model", files, pixels, keras_probs)
