@@ -73,6 +73,7 @@ class PackageReport(StageReport):
     weights_digest: str           # of the model they were made from
     # The serving candidates (paths.SERVING_FORMATS), by format, against Keras on validation:
     # top1_agreement (decided), features_min_cosine (of the pooled features), checked_images,
+    # parity (metrics.parity's keys: what export reports for the copy, not run again there),
     # agrees (both reach their gates: it may serve), size_mb, precision (what the engine
     # computed in, where it chooses)
     candidates: dict

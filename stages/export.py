@@ -32,7 +32,8 @@ def main() -> None:
     classes = read_classes()
     files, _ = read_manifest("test", classes)
     report = export_all(params, paths.MODEL_FILE, classes, files, paths.SAVED_MODEL_DIR,
-                        reference.read(files, package.weights_digest), package.saved_model,
+                        reference.read(files, package.weights_digest),
+                        {"saved_model": package.saved_model, **package.candidates},
                         {fmt: paths.SERVING_FORMATS[fmt] for fmt in package.candidates})
     if params.export.measure:
         report["serving"] = registered_serving(registered, files, Path.cwd())

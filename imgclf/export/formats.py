@@ -44,6 +44,7 @@ from imgclf.serving.runners import (
     OPENVINO_XML,
     SAVED_MODEL,
     Runner,
+    files_size,
     format_path,
     in_chunks,
     load_runner,
@@ -307,10 +308,11 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path,
     def checked(fmt: str, path: Path) -> dict:
         runner = load_runner(fmt, path)
         probs, features = in_chunks(runner.both, pixels)
-        agreement = parity(reference, probs)["decided_top1_agreement"]
+        agreed = parity(reference, probs)
+        agreement = agreed["decided_top1_agreement"]
         cosine = min_cosine(reference_features, features)
         return {"top1_agreement": agreement, "features_min_cosine": cosine,
-                "checked_images": len(pixels),
+                "checked_images": len(pixels), "parity": agreed,
                 "agrees": agreement >= QUANTISED_MIN_AGREEMENT and cosine >= FEATURES_MIN_COSINE,
                 "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
 
@@ -337,19 +339,15 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path,
 
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,
-                  batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every runner's probabilities on the same decoded test pixels, one batch at a time;
-    and the first batch's pixels."""
+                  batch_size: int) -> dict[str, np.ndarray]:
+    """Every runner's probabilities on the same decoded test pixels, one batch at a time."""
     out: dict[str, list] = {name: [] for name in runners}
-    first = None
     for _good, pixels, bad in iter_batches(files, size, resize, batch_size):
         if bad:
             raise UserError(f"test image {files[bad[0][0]]} cannot be read: rerun prepare")
-        if first is None:
-            first = pixels
         for name, runner in runners.items():
             out[name].append(runner(pixels))
-    return {k: np.concatenate(v) for k, v in out.items()}, first
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
@@ -379,23 +377,21 @@ def recommend(formats: dict[str, dict], exact: list[str]) -> str:
 
 
 def export_all(params: Params, keras_file: Path, classes: list[str], files: list[str],
-               saved_model: Path, keras_probs: np.ndarray, saved_model_check: dict,
+               saved_model: Path, keras_probs: np.ndarray, checks: dict[str, dict],
                packaged: dict[str, Path] | None = None) -> dict:
-    """models/export/ in one rename: every format, checked against the Keras model on (up to
-    `export.parity_images` of) the test files, with its size (and with `export.measure`, its
-    speed); returns the report.
-    `keras_file`: the Keras model, loaded only when `export.measure` times it (the parity
-    reference is `keras_probs`, so an unmeasured export never loads it);
+    """models/export/ in one rename: every format with its size and its agreement with the
+    Keras model (and with `export.measure`, its speed); returns the report.
+    `keras_file`: the Keras model, loaded only when `export.measure` times it;
     `saved_model`: the model's SavedModel (package's), shipped as it is and the source of
-    the TFLite variants package did not convert; `saved_model_check`: package's check of it
-    (`checked_saved_model`, on validation images), reported as its agreement: TensorFlow is
-    loaded here only to convert a TFLite variant or to time (export.measure);
-    `keras_probs`: the Keras model's probabilities on every test file
-    (package's, models/keras_test_probs.npz): the reference, not computed again;
-    `packaged`: formats the package stage already converted from it ({format: file or
-    folder}: the serving candidates, TFLite and OpenVINO), shipped as they are and checked
-    like the others."""
-    from imgclf.data.manifests import evenly_spaced_indices, sample_pixels
+    the TFLite variants package did not convert; `packaged`: the copies package already
+    converted from it ({format: file or folder}: the serving candidates, TFLite and
+    OpenVINO), shipped as they are; `checks`: package's check of each (and of the SavedModel,
+    `saved_model`: `checked_saved_model`), on validation images, reported as it is: a copy is
+    not run again here. A TFLite variant converted here is checked on (up to
+    `export.parity_images` of) the test `files`, against `keras_probs` (package's Keras
+    probabilities on every test file, models/keras_test_probs.npz). TensorFlow is loaded
+    only to convert such a variant or to time (export.measure)."""
+    from imgclf.data.manifests import evenly_spaced_indices, pixels_of, sample_pixels
 
     n_test = len(files)
     # A check of the conversion, not of the data: a sample that does not grow with the test
@@ -425,11 +421,9 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                      if "int8" in converted else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
-        names = [f"tflite_{v}" for v in params.export.tflite] + [
-            f for f in shipped if f.startswith("openvino")]
-        runners = {n: load_runner(n, format_path(staging, n)) for n in names}
-        probs, first = collect_probs(runners, files, size, resize, batch)
-        sample = first[:8]
+        new = {f"tflite_{v}": load_runner(f"tflite_{v}", path) for v, path in converted.items()}
+        probs = collect_probs(new, files, size, resize, batch) if new else {}
+        sample = pixels_of(files[:8], size, resize) if measure else None
 
         def timed(runner) -> dict:  # every format timed on the same batch, or none
             return speed(runner, sample, batch) if measure else {}
@@ -443,19 +437,28 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
             keras_timing = timed(Runner(
                 "keras_predict", lambda x: model.predict(x, batch_size=len(x), verbose=0), 0))
         formats["keras"] = {"size_mb": round(keras_file.stat().st_size / 1e6, 2),
-                            **keras_timing, "top1_agreement": 1.0,
-                            "max_abs_diff": 0.0, "checked_images": len(files)}
+                            **keras_timing, "top1_agreement": 1.0, "max_abs_diff": 0.0}
         # The SavedModel is the Keras graph itself, exact or broken everywhere: package
         # checked it as loaded back from disk, with its image-bytes signature.
-        formats["saved_model"] = {
-            **{k: v for k, v in saved_model_check.items() if not k.startswith("bytes_")},
+        check = checks[SAVED_MODEL]
+        formats[SAVED_MODEL] = {
+            **{k: v for k, v in check.items() if not k.startswith("bytes_")},
             **(timed(saved_model_runner(staging / SAVED_MODEL, loaded)) if measure else {}),
             "checked_on": "validation"}
-        for name, runner in runners.items():
-            checked = len(probs[name])
-            formats[name] = {"size_mb": round(runner.size_bytes / 1e6, 2), **timed(runner),
-                             **parity(reference[:checked], probs[name]),
-                             "checked_images": checked}
+        names = [f"tflite_{v}" for v in params.export.tflite] + [
+            f for f in shipped if f.startswith("openvino")]
+        for name in names:
+            path = format_path(staging, name)
+            if name in new:
+                runner = new[name]
+                agreement = {**parity(reference[:len(probs[name])], probs[name]),
+                             "checked_images": len(probs[name]), "checked_on": "test"}
+            else:  # loaded only to be timed
+                runner = load_runner(name, path) if measure else None
+                agreement = {**checks[name]["parity"], "checked_on": "validation",
+                             "checked_images": checks[name]["checked_images"]}
+            formats[name] = {"size_mb": round(files_size(path) / 1e6, 2), **timed(runner),
+                             **agreement}
         exact = ["saved_model"] + (["tflite_float32"] if "tflite_float32" in formats else [])
         broken = [n for n in exact if formats[n]["top1_agreement"] < 1.0
                   or formats[n]["max_abs_diff"] > FLOAT_TOLERANCE]
@@ -472,8 +475,8 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                 formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2)
             if measure else None,
             # package's check, on validation images
-            "bytes_signature_top1_agreement": saved_model_check["bytes_signature_top1_agreement"],
-            "bytes_signature_images_counted": saved_model_check["bytes_signature_images_counted"],
+            "bytes_signature_top1_agreement": check["bytes_signature_top1_agreement"],
+            "bytes_signature_images_counted": check["bytes_signature_images_counted"],
         }
         (staging / META).write_text(json.dumps(
             {"image_size": size, "resize": resize, "recommended": recommended,

@@ -134,7 +134,8 @@ def keras_predictor(model, tta: bool = False) -> Predictor:
     return mirrored_mean(predict) if tta else predict
 
 
-def _dir_size(path: Path) -> int:
+def files_size(path: Path) -> int:
+    """Bytes of a format's file, or of every file in its folder."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -148,7 +149,7 @@ def saved_model_runner(path: Path, loaded=None) -> Runner:
         loaded = tf.saved_model.load(str(path))
     fn = loaded.signatures["predict_pixels"]
     return Runner("saved_model", lambda x: fn(pixels=tf.constant(x))["probabilities"].numpy(),
-                  _dir_size(path))
+                  files_size(path))
 
 
 def saved_model_bytes_fn(loaded):
