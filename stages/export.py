@@ -2,12 +2,11 @@
 (and speed).
 
 Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
-wrote: its SavedModel and serving candidates ship as they are, with the checks package ran
-on them; its Keras test probabilities are the reference for a TFLite variant converted here.
-Writes models/export/ and reports/export.json (logged to the training run); with
-export.measure, every format's speed and the served version's costs (`mlflow models
-serve`). Fails when an exact format differs from Keras. Loads TensorFlow only to convert a
-TFLite variant package did not make, or to time (export.measure).
+wrote: its SavedModel and serving candidates ship as they are, with package's checks; its
+Keras test probabilities are the reference for a TFLite variant converted here. Writes
+models/export/ and reports/export.json (logged to the training run); with export.measure,
+every format's speed and the served version's costs (`mlflow models serve`). Fails when an
+exact format differs from Keras. No TensorFlow unless it converts or times (export.measure).
 """
 
 from __future__ import annotations
