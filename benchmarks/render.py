@@ -188,10 +188,14 @@ def _measured_by(results: dict) -> list[str]:
 
 
 def _served(size: str, served: dict) -> list[str]:
+    checked = (f"{served['test_images']} test images" if not any(
+        "checked_on" in f for f in served["formats"].values()) else
+        "the images each copy was checked on (`package`'s validation sample for its copies, "
+        "export's test sample for the TFLite variants it converts)")
     lines = ["", f"## Served formats at {size} px (the demo digits, trained)", "",
              f"Each format / Keras `predict` at batch {served['batch_size']}, timed side by side "
              f"in one run (the export stage's table, `export.measure`); agreement with Keras on "
-             f"{served['test_images']} test images, and on those that are no close call. "
+             f"{checked}, and on those that are no close call. "
              f"`mlflow.serving_format: auto` served `{served['auto']['chose']}` on this "
              "machine.", "",
              "| format | images/s | / Keras `predict` | top-1 agreement | decided top-1 "

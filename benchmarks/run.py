@@ -675,6 +675,9 @@ def bench_served_formats(work: Path, args) -> dict:
                    "top1_agreement": f["top1_agreement"],
                    "decided_top1_agreement": f.get("decided_top1_agreement"),
                    "decided_images": f.get("decided_images"),
+                   # package's copies were checked on its validation sample, export's own
+                   # conversions on its test sample
+                   "checked_on": f.get("checked_on"), "checked_images": f.get("checked_images"),
                    "precision": package["candidates"].get(n, {}).get("precision")}
                for n, f in export["formats"].items()}
     return {f"served_speedup_{size}": {n: f["speedup_vs_keras_predict"]
