@@ -14,7 +14,7 @@ probabilities and the pooled features from one forward pass (what the selective 
 
 from __future__ import annotations
 
-from imgclf import io, paths
+from imgclf import paths
 from imgclf.errors import exits_cleanly
 from imgclf.params import load_params
 from imgclf.stage_reports import PackageReport, TrainReport
@@ -31,16 +31,15 @@ def main() -> None:
 
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     size, resize = params.model.image_size, params.model.resize
-    with io.replaced_dir(paths.SAVED_MODEL_DIR) as staging:
-        # The export's traced graph runs the serving check and the test split: one trace.
-        forward = formats.write_saved_model(model, read_classes(), size, resize, staging)
-    # Every candidate checked through the SavedModel's traced graph: the Keras model's answers.
-    # The test split's reference runs while the OpenVINO copies convert in their own process.
-    candidates, saved_model_check = formats.serving_candidates(
-        params, forward, paths.SAVED_MODEL_DIR,
-        meanwhile=lambda: reference.write(forward, read_manifest("test", read_classes())[0],
-                                          size, resize, params.prepare.max_pixels,
-                                          trained.weights_digest))
+    test_files = read_manifest("test", read_classes())[0]
+    # Every candidate checked against the model's traced graph (the SavedModel's): the
+    # Keras model's answers. The test split's reference runs with the same graph while the
+    # OpenVINO copies convert in their own process.
+    candidates, saved_model_check = formats.package(
+        params, model, read_classes(),
+        meanwhile=lambda forward: reference.write(forward, test_files, size, resize,
+                                                  params.prepare.max_pixels,
+                                                  trained.weights_digest))
     PackageReport(weights_digest=trained.weights_digest, candidates=candidates,
                   saved_model=saved_model_check).write()
     print(f"package: {paths.SAVED_MODEL_DIR} (as loaded back: Keras's answers, max difference "

@@ -162,22 +162,26 @@ def load_saved_model(saved_model):
     return tf.saved_model.load(str(saved_model))
 
 
-def write_tflite(saved_model, variants: dict[str, Path],
-                 calibration: np.ndarray | None = None) -> None:
-    """Each TFLite variant ({variant: path}) of the SavedModel's pixels signature
-    (`saved_model`: its folder, or `load_saved_model`'s object, loaded once for all of
-    them). `calibration`: float pixels of training images, for `int8` (full-integer weights
-    and activations; float pixels in and probabilities out, so every runner feeds it
-    alike)."""
+def write_tflite(saved_model: Path, variants: dict[str, Path],
+                 calibration: np.ndarray | None = None, loaded=None) -> None:
+    """Each TFLite variant ({variant: path}) of the pixels signature of the SavedModel at
+    `saved_model` (`loaded`: that SavedModel as `load_saved_model` returned it, if the
+    caller holds it: then it is not loaded again). `calibration`: float pixels of training
+    images, for `int8` (full-integer weights and activations; float pixels in and
+    probabilities out, so every runner feeds it alike)."""
     if not variants:
         return
     import tensorflow as tf
+    from tensorflow.lite.python import lite
 
-    loaded = load_saved_model(saved_model)
+    loaded = load_saved_model(saved_model) if loaded is None else loaded
     for variant, path in variants.items():
-        # A converter per variant (one converts once); `loaded` holds the variables.
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(
-            [loaded.signatures["predict_pixels"]], loaded)
+        # Converted from the folder on disk, not from the loaded signature: given a
+        # concrete function, the public converter first saves the SavedModel again into a
+        # temporary folder and loads that back, and `from_saved_model` loads it twice more
+        # only to list its signatures; this is the converter both of them end in.
+        converter = lite.TFLiteSavedModelConverterV2(
+            str(saved_model), {tf.saved_model.SERVING}, ["predict_pixels"], loaded)
         converter.optimizations = ([tf.lite.Optimize.DEFAULT]
                                    if variant in ("dynamic", "float16", "int8") else [])
         converter.target_spec.supported_types = [tf.float16] if variant == "float16" else []
@@ -188,7 +192,21 @@ def write_tflite(saved_model, variants: dict[str, Path],
             converter.representative_dataset = lambda: ([calibration[i:i + 1]]
                                                          for i in range(len(calibration)))
             converter.target_spec.supported_ops = {tf.lite.OpsSet.TFLITE_BUILTINS_INT8}
-        path.write_bytes(converter.convert())
+        with _held_saved_model(lite, loaded):
+            path.write_bytes(converter.convert())
+
+
+@contextlib.contextmanager
+def _held_saved_model(lite, loaded) -> Iterator[None]:
+    """The converter's own load of the SavedModel answered with the one already held: it
+    loads the whole SavedModel (every function, every weight) only to read the debug info
+    its error messages quote, which the held object carries as well."""
+    load = lite._load
+    lite._load = lambda *_args, **_kwargs: loaded
+    try:
+        yield
+    finally:
+        lite._load = load
 
 
 def write_openvino(saved_model, variants: dict[str, Path],
@@ -221,14 +239,17 @@ def write_openvino(saved_model, variants: dict[str, Path],
 
 @contextlib.contextmanager
 def openvino_converting(saved_model: Path, variants: dict[str, Path],
-                        calibration: np.ndarray | None = None) -> Iterator[None]:
+                        calibration: np.ndarray | None = None
+                        ) -> Iterator[Callable[[], None]]:
     """`write_openvino(saved_model, variants, calibration)` in a child process
-    (`imgclf.export.openvino_job`) while the caller's block runs; on leaving the block, waits
-    for it and raises its error if it failed. An error in the block kills it. The converters
-    (TFLite's, OpenVINO's, NNCF's statistics) are mostly single-threaded: the caller converts
-    the TFLite copy meanwhile instead of after it."""
+    (`imgclf.export.openvino_job`) while the caller's block runs. The job starts at once and
+    loads its libraries meanwhile; it converts when the block calls the `begin()` it is
+    given (`saved_model` written by then). On leaving the block, waits for it and raises its
+    error if it failed. An error in the block, or a block that never began it, kills it.
+    The converters (TFLite's, OpenVINO's, NNCF's statistics) are mostly single-threaded: the
+    caller converts the TFLite copy meanwhile instead of after it."""
     if not variants:
-        yield
+        yield lambda: None
         return
     with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
         source = "-"
@@ -243,15 +264,26 @@ def openvino_converting(saved_model: Path, variants: dict[str, Path],
                 [sys.executable, "-m", "imgclf.export.openvino_job", str(saved_model), source,
                  *(f"{v}={folder}" for v, folder in variants.items())],
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+            began = []
+
+            def begin() -> None:
+                began.append(True)
+                with contextlib.suppress(BrokenPipeError):  # it failed: its log says why
+                    job.stdin.write(b"convert\n")
+                    job.stdin.flush()
+
             try:
-                yield
+                yield begin
+                if not began:
+                    raise RuntimeError("the OpenVINO job was never told to convert")
                 code = job.wait()
             except BaseException:
                 job.kill()
                 job.wait()
                 raise
             finally:
-                job.stdin.close()
+                with contextlib.suppress(BrokenPipeError):
+                    job.stdin.close()
         if code != 0:
             raise RuntimeError(f"OpenVINO conversion failed (exit code {code}):\n"
                                + log.read_text(errors="replace")[-3000:])
@@ -285,22 +317,25 @@ def checked_saved_model(loaded, path: Path, files: list[str], pixels: np.ndarray
             "bytes_signature_images_counted": counted}
 
 
-def serving_candidates(params: Params, keras_forward, saved_model: Path,
-                       meanwhile: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
-    """What the registered model may serve with, converted from the model's SavedModel: the
-    dynamic-range TFLite copy (paths.SERVING_COPY, always) and the OpenVINO copies
-    `package.openvino` names (paths.OPENVINO_DIR, one folder each), each written in one
-    rename. Per format, against Keras (`keras_forward`: probabilities and pooled features)
-    on up to SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest
-    cosine similarity of its pooled features (what the status reads); whether both reach
-    their gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its
-    size and what it computed in. The OpenVINO copies convert in a process of their own
-    while this one converts and checks the TFLite copy and the SavedModel itself
-    (`checked_saved_model`, on the same images), then runs `meanwhile` (the caller's other
-    work). Returns (candidates by format, the SavedModel's check)."""
+def package(params: Params, model, classes: list[str],
+            meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
+    """The Keras `model`'s SavedModel (paths.SAVED_MODEL_DIR, `write_saved_model`) and what
+    the registered model may serve with, converted from it: the dynamic-range TFLite copy
+    (paths.SERVING_COPY, always) and the OpenVINO copies `package.openvino` names
+    (paths.OPENVINO_DIR, one folder each), each written in one rename. Per format, against
+    the Keras model's own traced graph (probabilities and pooled features) on up to
+    SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest cosine
+    similarity of its pooled features (what the status reads); whether both reach their
+    gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its size
+    and what it computed in. The OpenVINO copies convert in a process of their own (started
+    first: it loads its libraries while the SavedModel is written) while this one converts
+    and checks the TFLite copy and the SavedModel itself (`checked_saved_model`, on the same
+    images), then runs `meanwhile(forward)` (the caller's other work with the traced graph).
+    Returns (candidates by format, the SavedModel's check)."""
     from imgclf.data.manifests import pixels_of, sample_files, sample_pixels
 
     size, resize = params.model.image_size, params.model.resize
+    saved_model = paths.SAVED_MODEL_DIR
     # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
     openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
                 if path.parent == paths.OPENVINO_DIR and path.name in params.package.openvino}
@@ -320,19 +355,23 @@ def serving_candidates(params: Params, keras_forward, saved_model: Path,
         calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
                        if "int8" in openvino.values() else None)
         with openvino_converting(saved_model, {v: staging / v for v in openvino.values()},
-                                 calibration):
+                                 calibration) as begin:
             del calibration  # the job reads its own copy
+            with io.replaced_dir(saved_model) as written:
+                # The export's traced graph runs every check and the caller's work: one trace.
+                forward = write_saved_model(model, classes, size, resize, written)
+            begin()
             files = sample_files("val", SERVING_SAMPLE)
             pixels = pixels_of(files, size, resize)
-            reference, reference_features = in_chunks(keras_forward, pixels)
+            reference, reference_features = in_chunks(forward, pixels)
             loaded = load_saved_model(saved_model)  # converted from and checked once
             with io.replacing(paths.SERVING_COPY) as tmp:
-                write_tflite(loaded, {"dynamic": tmp})
+                write_tflite(saved_model, {"dynamic": tmp}, loaded=loaded)
                 candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
             saved_model_check = checked_saved_model(loaded, saved_model, files, pixels,
                                                     reference)
             del loaded
-            meanwhile()
+            meanwhile(forward)
         for fmt, variant in openvino.items():
             candidates[fmt] = checked(fmt, staging / variant)
     return candidates, saved_model_check
@@ -416,9 +455,9 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                      if f"tflite_{v}" not in shipped}
         loaded = (load_saved_model(staging / SAVED_MODEL)  # converted from, timed
                   if converted or measure else None)
-        write_tflite(loaded, converted,
+        write_tflite(staging / SAVED_MODEL, converted,
                      sample_pixels("train", params.export.calibration_images, size, resize)
-                     if "int8" in converted else None)
+                     if "int8" in converted else None, loaded=loaded)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         new = {f"tflite_{v}": load_runner(f"tflite_{v}", path) for v, path in converted.items()}

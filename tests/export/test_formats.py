@@ -32,8 +32,8 @@ def test_an_openvino_conversion_that_fails_stops_the_stage_with_its_error(tmp_pa
 
     out = tmp_path / "float"
     with pytest.raises(RuntimeError, match="OpenVINO conversion failed") as failed, \
-            openvino_converting(tmp_path / "no_saved_model", {"float": out}):
-        pass  # the caller's own work, done while the job converts
+            openvino_converting(tmp_path / "no_saved_model", {"float": out}) as begin:
+        begin()  # the SavedModel written (here: not); the caller's own work follows
     assert "no_saved_model" in str(failed.value)  # the job's own error, not just its code
     assert not out.exists()
 
