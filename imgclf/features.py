@@ -367,7 +367,7 @@ def row_dataset(reader: RowReader, onehot: np.ndarray, batch_size: int, order=No
     """
     import tensorflow as tf
 
-    from imgclf.data.pipeline import epoch_order, seed_of
+    from imgclf.data.pipeline import epoch_order, seed_of, without_autotune
 
     n = reader.images
     labels = tf.convert_to_tensor(onehot)
@@ -385,7 +385,7 @@ def row_dataset(reader: RowReader, onehot: np.ndarray, batch_size: int, order=No
 
     ds = epoch_order(n, order).batch(batch_size).map(pick, num_parallel_calls=tf.data.AUTOTUNE,
                                                      deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
 @dataclass

@@ -27,6 +27,18 @@ def _loader(files: list[str], image_size: int, resize: str):
     return load
 
 
+def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` with tf.data's autotuning model off (its parallel maps then run one call per
+    core, and prefetching still grows its buffer as it needs). With the model on, deleting
+    an iterator waits for the model's optimisation thread, which wakes only when its current
+    period ends: a pass over the data that ends before (a Keras `predict` or epoch of known
+    length, a loop over a dataset) can then sit idle for seconds, and on a two-core machine
+    that idle wait was as long as the pass itself."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def seed_of(generator) -> tf.Tensor:
     """A SeedGenerator's current state as a stateless-op seed, read when the graph runs."""
     return tf.cast(tf.convert_to_tensor(generator.state.value), tf.int64)
@@ -88,4 +100,4 @@ def image_dataset(
         return (x, *rest) if rest else x
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
