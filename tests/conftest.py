@@ -183,6 +183,18 @@ def run_stages(root: Path, *modules: str) -> None:
 
 
 @pytest.fixture
+def tiny_classifier():
+    """A Keras classifier of 8x8 images into 2 classes, converted in seconds, with the
+    `head_pool` layer every packaged format reads the pooled features from."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+
+
+@pytest.fixture
 def prepared_project(project) -> Path:
     """A project with 3 classes x 7 images prepared, and params shrunk for speed."""
     tiny_data(project)

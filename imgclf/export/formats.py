@@ -102,47 +102,56 @@ def _tf_decode_rgb(data):
     return color * alpha + 255.0 * (1.0 - alpha)
 
 
+def traced_pixels(model):
+    """`model` traced as the pixels signature: float pixels 0-255 (`pixels`, any batch) in,
+    `probabilities` and the pooled `features` out, from one forward pass."""
+    import tensorflow as tf
+
+    two = with_features(model)
+    size = model.input_shape[1]
+
+    def forward(pixels):
+        probs, features = two(pixels, training=False)
+        return {"probabilities": probs, "features": features}
+
+    return tf.function(forward, input_signature=[
+        tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]).get_concrete_function()
+
+
 def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path):
     """The SavedModel of `model` at `path`: `serving_default` (image bytes in) and
     `predict_pixels` (float pixels 0-255 in, what `write_tflite` converts). Returns the
     pixels signature's traced function as a Forward (batch -> probabilities, pooled
     features): the Keras model's own graph, already traced for the export, so a caller
     that also runs the model in this process pays no second trace."""
-    import keras
     import tensorflow as tf
 
     class_names = tf.constant(classes)
-    two = with_features(model)
-
-    def forward(pixels):
-        probs, features = two(pixels, training=False)
-        return {"probabilities": probs, "features": features}
-
-    predict_pixels = tf.function(
-        forward,
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
+    # The network traced once, here, and both signatures call this trace. The save is given
+    # traced functions only: a tf.function it holds (what keras.export.ExportArchive
+    # stores) is traced again inside the save, TensorFlow keying its traces by the context
+    # they are made in, and the 54M-weight graph stored twice.
+    predict_pixels = traced_pixels(model)
 
     def decode(data):
         return _tf_fit_to_square(_tf_decode_rgb(data), size, resize)
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
         pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
-        # The pixels signature's own traced function: the 54M-weight graph is traced and
-        # stored once for both signatures, not twice (faster to write and to load).
         out = predict_pixels(pixels)
         probs = out["probabilities"]
         top = tf.argmax(probs, axis=-1)
         return {"probabilities": probs, "class_name": tf.gather(class_names, top),
                 "confidence": tf.reduce_max(probs, axis=-1), "features": out["features"]}
 
-    archive = keras.export.ExportArchive()
-    # No `archive.track(model)`: on the TensorFlow backend it stores every weight a second
-    # time beside the ones the endpoint captures (keras-team/keras#23553): a SavedModel of
-    # twice the weights. The endpoints' traced functions track the variables they use.
-    archive.add_endpoint("predict_pixels", predict_pixels)
-    archive.add_endpoint("serving_default", serve_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.write_out(str(path), verbose=False)
+    # Only the signatures are saved, and the weights they read (a SavedModel needs the
+    # variables its functions capture tracked by the saved object); not the Keras model
+    # itself, whose tracking would store every weight a second time (keras-team/keras#23553).
+    holder = tf.Module()
+    holder.weights_read = list(predict_pixels.variables)
+    tf.saved_model.save(holder, str(path), signatures={
+        "predict_pixels": predict_pixels, "serving_default": serve_bytes.get_concrete_function()})
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = predict_pixels(tf.constant(batch, tf.float32))
@@ -209,21 +218,25 @@ def _held_saved_model(lite, loaded) -> Iterator[None]:
         lite._load = load
 
 
-def write_openvino(saved_model, variants: dict[str, Path],
+def write_openvino(keras_file: Path, variants: dict[str, Path],
                    calibration: np.ndarray | None = None) -> None:
-    """OpenVINO IR folders ({variant: folder}, each model.xml + model.bin) of the SavedModel's
-    pixels signature (its default one takes strings, which OpenVINO does not run;
-    `saved_model`: its folder, or `load_saved_model`'s object): `float`
-    keeps float32 weights (OpenVINO computes in bf16 by itself where the CPU has it), `int8`
-    quantises weights and activations with NNCF's post-training quantisation, calibrated on
+    """OpenVINO IR folders ({variant: folder}, each model.xml + model.bin) of the Keras model
+    at `keras_file`, traced as the SavedModel's pixels signature (`traced_pixels`: the
+    image-bytes one takes strings, which OpenVINO does not run): `float` keeps float32
+    weights (OpenVINO computes in bf16 by itself where the CPU has it), `int8` quantises
+    weights and activations with NNCF's post-training quantisation, calibrated on
     `calibration` (float pixels of training images)."""
-    import openvino as ov
-
     if not variants:
         return
-    # Held: the signature needs its variables.
-    loaded = load_saved_model(saved_model)
-    model = ov.convert_model(loaded.signatures["predict_pixels"])
+    import keras
+    import openvino as ov
+
+    # Both held until the copies are written: OpenVINO's model shares the weights' memory
+    # with the network's variables, it holds no copy of them.
+    network = keras.models.load_model(keras_file, safe_mode=True)
+    traced = traced_pixels(network)
+    with _variables_indexed():
+        model = ov.convert_model(traced)
     for variant, folder in variants.items():
         folder.mkdir(parents=True, exist_ok=True)
         if variant == "int8":
@@ -238,18 +251,59 @@ def write_openvino(saved_model, variants: dict[str, Path],
 
 
 @contextlib.contextmanager
-def openvino_converting(saved_model: Path, variants: dict[str, Path],
-                        calibration: np.ndarray | None = None
-                        ) -> Iterator[Callable[[], None]]:
-    """`write_openvino(saved_model, variants, calibration)` in a child process
-    (`imgclf.export.openvino_job`) while the caller's block runs. The job starts at once and
-    loads its libraries meanwhile; it converts when the block calls the `begin()` it is
-    given (`saved_model` written by then). On leaving the block, waits for it and raises its
-    error if it failed. An error in the block, or a block that never began it, kills it.
-    The converters (TFLite's, OpenVINO's, NNCF's statistics) are mostly single-threaded: the
-    caller converts the TFLite copy meanwhile instead of after it."""
+def _variables_indexed() -> Iterator[None]:
+    """OpenVINO's TensorFlow reader answered from an index of the traced graph's variables.
+    It finds a node's variable by scanning every capture of the graph, then every variable
+    (a list rebuilt at each access), and asks again for each fact it reads about the node:
+    work that grows with the square of the weights' count, most of a conversion's time for
+    InceptionResNetV2. The answers are the same: the first capture feeding the node, its
+    value read without a copy; the graph does not change while it converts."""
+    from openvino.frontend.tensorflow.node_decoder import TFGraphNodeDecoder
+
+    scan = TFGraphNodeDecoder.__dict__["get_variable"]
+    graphs: dict[int, tuple] = {}
+
+    def get_variable(operation):
+        graph = operation.graph
+        if not hasattr(graph, "captures"):
+            return None
+        if id(graph) not in graphs:
+            variables: dict[int, object] = {}
+            for variable in graph.variables:
+                variables.setdefault(id(variable.handle), variable)
+            captured: dict[str, object] = {}
+            for var_tensor, op_tensor in graph.captures:
+                captured.setdefault(op_tensor.name, var_tensor)
+            graphs[id(graph)] = (graph, variables, captured, {})  # the graph held: its id stays
+        _graph, variables, captured, answers = graphs[id(graph)]
+        name = operation.outputs[0].name
+        if name not in answers:
+            var_tensor = captured.get(name)
+            if var_tensor is None or var_tensor.dtype.name != "resource":
+                answers[name] = var_tensor
+            else:
+                variable = variables.get(id(var_tensor))
+                answers[name] = None if variable is None else variable.read_value_no_copy()
+        return answers[name]
+
+    TFGraphNodeDecoder.get_variable = staticmethod(get_variable)
+    try:
+        yield
+    finally:
+        TFGraphNodeDecoder.get_variable = scan
+
+
+@contextlib.contextmanager
+def openvino_converting(keras_file: Path, variants: dict[str, Path],
+                        calibration: np.ndarray | None = None) -> Iterator[None]:
+    """`write_openvino(keras_file, variants, calibration)` in a child process
+    (`imgclf.export.openvino_job`), started at once, while the caller's block runs. On
+    leaving the block, waits for it and raises its error if it failed; an error in the
+    block kills it. The converters (TFLite's, OpenVINO's, NNCF's statistics) are mostly
+    single-threaded: the caller writes the SavedModel and converts the TFLite copy
+    meanwhile instead of before or after it."""
     if not variants:
-        yield lambda: None
+        yield
         return
     with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
         source = "-"
@@ -261,21 +315,11 @@ def openvino_converting(saved_model: Path, variants: dict[str, Path],
             # stdin stays open while the job runs: it exits when the pipe closes (this
             # process died), see openvino_job.
             job = subprocess.Popen(
-                [sys.executable, "-m", "imgclf.export.openvino_job", str(saved_model), source,
+                [sys.executable, "-m", "imgclf.export.openvino_job", str(keras_file), source,
                  *(f"{v}={folder}" for v, folder in variants.items())],
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-            began = []
-
-            def begin() -> None:
-                began.append(True)
-                with contextlib.suppress(BrokenPipeError):  # it failed: its log says why
-                    job.stdin.write(b"convert\n")
-                    job.stdin.flush()
-
             try:
-                yield begin
-                if not began:
-                    raise RuntimeError("the OpenVINO job was never told to convert")
+                yield
                 code = job.wait()
             except BaseException:
                 job.kill()
@@ -319,19 +363,20 @@ def checked_saved_model(loaded, path: Path, files: list[str], pixels: np.ndarray
 
 def package(params: Params, model, classes: list[str],
             meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
-    """The Keras `model`'s SavedModel (paths.SAVED_MODEL_DIR, `write_saved_model`) and what
-    the registered model may serve with, converted from it: the dynamic-range TFLite copy
-    (paths.SERVING_COPY, always) and the OpenVINO copies `package.openvino` names
-    (paths.OPENVINO_DIR, one folder each), each written in one rename. Per format, against
-    the Keras model's own traced graph (probabilities and pooled features) on up to
-    SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest cosine
-    similarity of its pooled features (what the status reads); whether both reach their
-    gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its size
-    and what it computed in. The OpenVINO copies convert in a process of their own (started
-    first: it loads its libraries while the SavedModel is written) while this one converts
-    and checks the TFLite copy and the SavedModel itself (`checked_saved_model`, on the same
-    images), then runs `meanwhile(forward)` (the caller's other work with the traced graph).
-    Returns (candidates by format, the SavedModel's check)."""
+    """The Keras `model`'s (paths.MODEL_FILE's) SavedModel (paths.SAVED_MODEL_DIR,
+    `write_saved_model`) and what the registered model may serve with: the dynamic-range
+    TFLite copy converted from the SavedModel (paths.SERVING_COPY, always) and the OpenVINO
+    copies `package.openvino` names, of the same traced graph (paths.OPENVINO_DIR, one
+    folder each), each written in one rename. Per format, against the Keras model's own
+    traced graph (probabilities and pooled features) on up to SERVING_SAMPLE validation
+    images: its decided top-1 agreement and the smallest cosine similarity of its pooled
+    features (what the status reads); whether both reach their gates
+    (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its size and
+    what it computed in. The OpenVINO copies convert in a process of their own, started
+    first and reading the Keras file, while this one writes the SavedModel, converts and
+    checks the TFLite copy and checks the SavedModel itself (`checked_saved_model`, on the
+    same images), then runs `meanwhile(forward)` (the caller's other work with the traced
+    graph). Returns (candidates by format, the SavedModel's check)."""
     from imgclf.data.manifests import pixels_of, sample_files, sample_pixels
 
     size, resize = params.model.image_size, params.model.resize
@@ -354,13 +399,12 @@ def package(params: Params, model, classes: list[str],
     with io.replaced_dir(paths.OPENVINO_DIR) as staging:
         calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
                        if "int8" in openvino.values() else None)
-        with openvino_converting(saved_model, {v: staging / v for v in openvino.values()},
-                                 calibration) as begin:
+        with openvino_converting(paths.MODEL_FILE, {v: staging / v for v in openvino.values()},
+                                 calibration):
             del calibration  # the job reads its own copy
             with io.replaced_dir(saved_model) as written:
                 # The export's traced graph runs every check and the caller's work: one trace.
                 forward = write_saved_model(model, classes, size, resize, written)
-            begin()
             files = sample_files("val", SERVING_SAMPLE)
             pixels = pixels_of(files, size, resize)
             reference, reference_features = in_chunks(forward, pixels)

@@ -1,13 +1,12 @@
-"""`python -m imgclf.export.openvino_job SAVED_MODEL CALIBRATION VARIANT=FOLDER...`:
+"""`python -m imgclf.export.openvino_job KERAS_FILE CALIBRATION VARIANT=FOLDER...`:
 `formats.write_openvino` in a process of its own (`formats.openvino_converting` starts it).
 
 CALIBRATION is a `.npy` of float pixels (int8's calibration images) or `-` for none. The
-job loads its libraries at once, then waits for the line `convert` on its standard input
-(the parent writes the SavedModel meanwhile). The package stage converts the TFLite copy and
-runs its checks while this runs: the converters are mostly single-threaded, so on a machine
-with a second core the two overlap instead of queueing. The job exits as soon as its
-standard input closes, so a parent that dies (even by SIGKILL) takes it along instead of
-leaving it converting into a staging folder nobody reads.
+package stage starts it first and, meanwhile, writes the SavedModel, converts the TFLite copy
+and runs its checks: the converters are mostly single-threaded, so on a machine with a
+second core the two overlap instead of queueing. The job exits as soon as its standard input
+closes, so a parent that dies (even by SIGKILL) takes it along instead of leaving it
+converting into a staging folder nobody reads.
 """
 
 from __future__ import annotations
@@ -26,25 +25,16 @@ def _exit_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     import numpy as np
 
     from imgclf.export.formats import write_openvino
 
-    saved_model, calibration, *targets = args
+    keras_file, calibration, *targets = args
     variants = {v: Path(folder) for v, folder in (t.split("=", 1) for t in targets)}
     code = 0
     try:
-        # Loaded while the parent traces and writes the SavedModel: the conversion then
-        # waits on that file only, not on these imports.
-        import openvino  # noqa: F401
-        import tensorflow  # noqa: F401
-
-        if "int8" in variants:
-            import nncf  # noqa: F401
-        if sys.stdin.buffer.readline() != b"convert\n":
-            os._exit(3)  # the parent stopped (or died) before its SavedModel was written
-        threading.Thread(target=_exit_with_parent, daemon=True).start()
-        write_openvino(Path(saved_model), variants,
+        write_openvino(Path(keras_file), variants,
                        None if calibration == "-" else np.load(calibration))
     except BaseException:
         traceback.print_exc()

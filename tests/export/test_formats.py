@@ -32,23 +32,25 @@ def test_an_openvino_conversion_that_fails_stops_the_stage_with_its_error(tmp_pa
 
     out = tmp_path / "float"
     with pytest.raises(RuntimeError, match="OpenVINO conversion failed") as failed, \
-            openvino_converting(tmp_path / "no_saved_model", {"float": out}) as begin:
-        begin()  # the SavedModel written (here: not); the caller's own work follows
-    assert "no_saved_model" in str(failed.value)  # the job's own error, not just its code
+            openvino_converting(tmp_path / "no_model.keras", {"float": out}):
+        pass  # the caller's own work
+    assert "no_model.keras" in str(failed.value)  # the job's own error, not just its code
     assert not out.exists()
 
 
-def test_the_openvino_job_exits_when_its_parent_is_gone(tmp_path):
+def test_the_openvino_job_exits_when_its_parent_is_gone(tiny_classifier, tmp_path):
     import subprocess
     import sys
 
     # The pipe's other end closed at once, as when the package stage is killed: the job
     # stops instead of converting into a staging folder nobody will read.
+    tiny_classifier.save(tmp_path / "model.keras")
     job = subprocess.Popen([sys.executable, "-m", "imgclf.export.openvino_job",
-                            str(tmp_path / "saved_model"), "-", f"float={tmp_path / 'float'}"],
+                            str(tmp_path / "model.keras"), "-", f"float={tmp_path / 'float'}"],
                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     job.stdin.close()
     assert job.wait(timeout=60) == 3, job.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "float").exists()
 
 
 def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):

@@ -5,23 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def _tiny_classifier():
-    import keras
-
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
-    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
-    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
-
-
 def test_tflite_is_converted_from_the_saved_model_it_is_given_without_loading_it_again(
-        tmp_path, monkeypatch):
+        tiny_classifier, tmp_path, monkeypatch):
     from tensorflow.python.saved_model import load as tf_load
 
     from imgclf.export.formats import load_saved_model, write_saved_model, write_tflite
     from imgclf.serving.runners import load_runner
 
-    model = _tiny_classifier()
+    model = tiny_classifier
     write_saved_model(model, ["a", "b"], 8, "pad", tmp_path / "saved_model")
     loaded = load_saved_model(tmp_path / "saved_model")
 
