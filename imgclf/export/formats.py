@@ -225,7 +225,8 @@ def write_openvino(keras_file: Path, variants: dict[str, Path],
     image-bytes one takes strings, which OpenVINO does not run): `float` keeps float32
     weights (OpenVINO computes in bf16 by itself where the CPU has it), `int8` quantises
     weights and activations with NNCF's post-training quantisation, calibrated on
-    `calibration` (float pixels of training images)."""
+    `calibration` (float pixels of training images). In the order given, each folder
+    renamed into place once whole."""
     if not variants:
         return
     import keras
@@ -238,16 +239,20 @@ def write_openvino(keras_file: Path, variants: dict[str, Path],
     with _variables_indexed():
         model = ov.convert_model(traced)
     for variant, folder in variants.items():
-        folder.mkdir(parents=True, exist_ok=True)
+        # Each folder appears whole, in one rename: a reader may take the copies done so far
+        # while the next one converts.
+        partial = folder.with_name(folder.name + ".partial")
+        partial.mkdir(parents=True)
         if variant == "int8":
             import nncf
 
             # One image a sample: NNCF's subset_size counts samples, so it counts images.
             dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
             quantised = nncf.quantize(model, dataset, subset_size=len(calibration))
-            ov.save_model(quantised, str(folder / OPENVINO_XML))
+            ov.save_model(quantised, str(partial / OPENVINO_XML))
         else:
-            ov.save_model(model, str(folder / OPENVINO_XML), compress_to_fp16=False)
+            ov.save_model(model, str(partial / OPENVINO_XML), compress_to_fp16=False)
+        partial.rename(folder)
 
 
 @contextlib.contextmanager
@@ -416,9 +421,14 @@ def package(params: Params, model, classes: list[str],
                                                     reference)
             del loaded
             meanwhile(forward)
-        for fmt, variant in openvino.items():
-            candidates[fmt] = checked(fmt, staging / variant)
-    return candidates, saved_model_check
+            # The copies the job has finished (the float one first), checked while it
+            # quantises the others.
+            candidates.update({fmt: checked(fmt, staging / variant)
+                               for fmt, variant in openvino.items()
+                               if (staging / variant).is_dir()})
+        candidates.update({fmt: checked(fmt, staging / variant)
+                           for fmt, variant in openvino.items() if fmt not in candidates})
+    return {fmt: candidates[fmt] for fmt in ("tflite_dynamic", *openvino)}, saved_model_check
 
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,
