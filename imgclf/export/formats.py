@@ -160,15 +160,13 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
     return run
 
 
-def load_saved_model(saved_model):
-    """The SavedModel loaded, to convert from: every copy converted in one process reads
-    this one load (each converter given a path would load the 54M weights again).
-    `saved_model`: its folder, or an object this function returned (returned as it is)."""
-    if not isinstance(saved_model, Path):
-        return saved_model
+def load_saved_model(folder: Path):
+    """The SavedModel in `folder` loaded, to convert from: every copy converted in one
+    process reads this one load (each converter given a path would load the 54M weights
+    again)."""
     import tensorflow as tf
 
-    return tf.saved_model.load(str(saved_model))
+    return tf.saved_model.load(str(folder))
 
 
 def write_tflite(saved_model: Path, variants: dict[str, Path],
