@@ -135,13 +135,13 @@ def _pipeline_at(pipeline: dict) -> list[str]:
     sizes = [str(small), str(large)]
     lines = ["", f"## The pipeline's cost, stage by stage ({pipeline['image_size']} px, "
              f"{pipeline['classes']} classes, {pipeline['photo']} photos)", "",
-             "Seconds of each stage through `dvc repro --single-item`"
-             + (f" (the fastest of {pipeline['runs_per_size']} runs, each in a fresh "
-                "repository)" if pipeline.get("runs_per_size", 1) > 1 else "")
-             + ", its fixed part (the "
-             "line through both sizes, at zero images: what the stage costs before its first "
-             "image) and its peak memory (the DVC process and the stage), at each dataset "
-             "size:", "",
+             (_STAGE_SECONDS.get(pipeline.get("timed_with"), _STAGE_SECONDS[None])
+              + (f" (the fastest of {pipeline['runs_per_size']} runs, each in a fresh "
+                 "repository)" if pipeline.get("runs_per_size", 1) > 1 else "")
+              + ", its fixed part (the line through both sizes, at zero images: what the "
+              "stage costs before its first image) and its peak memory ("
+              + ("the stage's process" if pipeline.get("timed_with") else
+                 "the DVC process and the stage") + "), at each dataset size:"), "",
              "| stage | " + " | ".join(f"{n} images: s" for n in sizes) + " | fixed s | "
              + " | ".join(f"{n} images: peak MB" for n in sizes) + " |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
@@ -160,6 +160,14 @@ def _pipeline_at(pipeline: dict) -> list[str]:
               f" took {_value(pipeline['head_only_experiment_seconds'])} s and ran "
               + ", ".join(f"`{s}`" for s in pipeline["head_only_experiment_stages_run"]) + "."]
     return lines
+
+
+# How the pipeline bench timed its stages (its record's `timed_with`; None: before it said).
+_STAGE_SECONDS = {
+    None: "Seconds of each stage through `dvc repro --single-item`",
+    "dvc repro": "Seconds of each stage in one `dvc repro` of the whole pipeline, from its "
+                 "start to the next stage's (DVC hashing and caching its outputs included)",
+}
 
 
 def _formats(title: str, formats: dict) -> list[str]:
