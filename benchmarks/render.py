@@ -166,7 +166,7 @@ def _pipeline_at(pipeline: dict) -> list[str]:
 _STAGE_SECONDS = {
     None: "Seconds of each stage through `dvc repro --single-item`",
     "dvc repro": "Seconds of each stage in one `dvc repro` of the whole pipeline, from its "
-                 "start to the next stage's (DVC hashing and caching its outputs included)",
+                 "start to the next stage's, DVC hashing and caching its outputs included",
 }
 
 
