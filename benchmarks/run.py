@@ -447,8 +447,8 @@ def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
 
 # Linux carries the peak memory of the process a command is forked from across its exec: a
 # command forked from this process (TensorFlow loaded by the benches before) would report at
-# least this process's peak. A small launcher forks it instead, and reports its peak (KB).
-# It writes the peak (KB) and the wall-clock times the command started and ended.
+# least this process's peak. A small launcher forks it instead, and writes its peak (KB) and
+# the wall-clock times it started and ended.
 _LAUNCHER = """import os, sys, time
 started = time.time()
 pid = os.fork()
@@ -559,9 +559,8 @@ def _cache_mb(repo: Path) -> float:
 def bench_pipeline_cost(work: Path, args) -> dict:
     """The whole pipeline as users run it (one `dvc repro`, each stage timed in it), at two
     dataset sizes: its cost per image in forward passes, its fixed cost, each stage's peak
-    memory; then a
-    training-params-only experiment (`dvc exp run -S train.finetune_lr=...`) on the larger
-    one."""
+    memory; then a training-params-only experiment (`dvc exp run -S train.finetune_lr=...`)
+    on the larger one."""
     size = args.step_size
     sets = {"model.image_size": size, "model.weights": None,
             "train.early_stopping_patience": 0}
