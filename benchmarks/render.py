@@ -133,15 +133,15 @@ def _pipeline(results: dict) -> list[str]:
 def _pipeline_at(pipeline: dict) -> list[str]:
     small, large = pipeline["images"]
     sizes = [str(small), str(large)]
+    timed, peak = _STAGE_TIMING[pipeline.get("timed_with")]
     lines = ["", f"## The pipeline's cost, stage by stage ({pipeline['image_size']} px, "
              f"{pipeline['classes']} classes, {pipeline['photo']} photos)", "",
-             (_STAGE_SECONDS.get(pipeline.get("timed_with"), _STAGE_SECONDS[None])
+             (timed
               + (f" (the fastest of {pipeline['runs_per_size']} runs, each in a fresh "
                  "repository)" if pipeline.get("runs_per_size", 1) > 1 else "")
               + ", its fixed part (the line through both sizes, at zero images: what the "
-              "stage costs before its first image) and its peak memory ("
-              + ("the stage's process" if pipeline.get("timed_with") else
-                 "the DVC process and the stage") + "), at each dataset size:"), "",
+              f"stage costs before its first image) and its peak memory ({peak}), at each "
+              "dataset size:"), "",
              "| stage | " + " | ".join(f"{n} images: s" for n in sizes) + " | fixed s | "
              + " | ".join(f"{n} images: peak MB" for n in sizes) + " |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
@@ -162,11 +162,14 @@ def _pipeline_at(pipeline: dict) -> list[str]:
     return lines
 
 
-# How the pipeline bench timed its stages (its record's `timed_with`; None: before it said).
-_STAGE_SECONDS = {
-    None: "Seconds of each stage through `dvc repro --single-item`",
-    "dvc repro": "Seconds of each stage in one `dvc repro` of the whole pipeline, from its "
-                 "start to the next stage's, DVC hashing and caching its outputs included",
+# How the pipeline bench timed its stages (its record's `timed_with`; None: before it said):
+# what a stage's seconds and its peak memory were of.
+_STAGE_TIMING = {
+    None: ("Seconds of each stage through `dvc repro --single-item`",
+           "the DVC process and the stage"),
+    "dvc repro": ("Seconds of each stage in one `dvc repro` of the whole pipeline, from its "
+                  "start to the next stage's, DVC hashing and caching its outputs included",
+                  "the stage's process"),
 }
 
 

@@ -448,7 +448,7 @@ def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
 # Linux carries the peak memory of the process a command is forked from across its exec: a
 # command forked from this process (TensorFlow loaded by the benches before) would report at
 # least this process's peak. A small launcher forks it instead, and writes its peak (KB) and
-# the wall-clock times it started and ended.
+# the wall-clock time it started (what `_pipeline_run` orders the stages by).
 _LAUNCHER = """import os, sys, time
 started = time.time()
 pid = os.fork()
@@ -456,7 +456,7 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as out:
-    out.write(f"{usage.ru_maxrss} {started} {time.time()}")
+    out.write(f"{usage.ru_maxrss} {started}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -510,7 +510,7 @@ def _pipeline_run(repo: Path, work: Path, stages: tuple[str, ...] = STAGE_ORDER
     ended = time.time()
     peaks, starts = {}, {}
     for stage in stages:  # every stage ran: a missing mark is an error
-        peak, starts[stage], _end = map(float, (marks / f"stages.{stage}").read_text().split())
+        peak, starts[stage] = map(float, (marks / f"stages.{stage}").read_text().split())
         peaks[stage] = peak / 1024
     order = sorted(stages, key=starts.get)  # the order DVC chose
     bounds = [started] + [starts[s] for s in order[1:]] + [ended]
@@ -572,9 +572,10 @@ def bench_pipeline_cost(work: Path, args) -> dict:
         # seconds, as much as the slope between the two sizes it is measured by.
         stages = {}
         for repeat in range(args.pipeline_repeats):
-            repo = _photo_repo(work / f"cost-{repeat}", images)
+            folder = work / f"cost-{repeat}"
+            repo = _photo_repo(folder, images)
             _write_params(repo, **sets)
-            for stage, ran in _pipeline_run(repo, work / f"cost-{repeat}").items():
+            for stage, ran in _pipeline_run(repo, folder).items():
                 best = stages.setdefault(stage, dict(ran))
                 best.update(seconds=min(best["seconds"], ran["seconds"]),
                             peak_rss_mb=max(best["peak_rss_mb"], ran["peak_rss_mb"]))
