@@ -1,15 +1,12 @@
 """DVC stage `package`: the trained model's deployable files, written once.
 
-Reads params package, model (image_size, resize), prepare.max_pixels. Writes
-models/saved_model/ (image bytes or pixels in: what every other copy is converted from, and
-what export ships; loaded back and checked against Keras on validation images: its pixels
-signature exact, its image-bytes signature the same top-1 on >= 99% of those that are no
-close call, else the stage fails), the serving candidates register chooses from, each with
-its agreement with Keras on validation images: models/model_dynamic.tflite and
-models/openvino/ (float, int8, as package.openvino names), models/keras_test_probs.npz (the
-Keras model's test-split probabilities and pooled features, what evaluate and export compare
-with instead of running Keras again) and reports/package.json. Every format answers the
-probabilities and the pooled features from one forward pass (what the selective scores read).
+Reads params package, model (image_size, resize), prepare.max_pixels, and train's model and
+validation answers (models/embeddings.npz). Writes models/saved_model/ (what every other
+copy is converted from and export ships; checked as loaded back, else the stage fails), the
+serving candidates register chooses from, each with its agreement with those answers
+(models/model_dynamic.tflite, models/openvino/ as package.openvino names),
+models/keras_test_probs.npz (Keras's test-split answers, which evaluate and export compare
+with) and reports/package.json. docs/serving.md says what is checked on which images.
 """
 
 from __future__ import annotations
@@ -24,19 +21,23 @@ from imgclf.stage_reports import PackageReport, TrainReport
 def main() -> None:
     params = load_params()
     trained = TrainReport.read()
+    from imgclf.data.manifests import read_classes, read_manifest
+    from imgclf.training import embeddings
+
+    classes = read_classes()
+    test_files = read_manifest("test", classes)[0]
+    trained_val = embeddings.validation_answers(paths.EMBEDDINGS,
+                                                len(read_manifest("val", classes)[0]))
     import keras
 
-    from imgclf.data.manifests import read_classes, read_manifest
     from imgclf.export import formats, reference
 
     model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     size, resize = params.model.image_size, params.model.resize
-    test_files = read_manifest("test", read_classes())[0]
-    # Every candidate checked against the model's traced graph (the SavedModel's): the
-    # Keras model's answers. The test split's reference runs with the same graph while the
-    # OpenVINO copies convert in their own process.
+    # The test split's reference runs with the SavedModel's traced graph while the OpenVINO
+    # copies convert in their own process.
     candidates, saved_model_check = formats.package(
-        params, model, read_classes(),
+        params, model, classes, trained_val,
         meanwhile=lambda forward: reference.write(forward, test_files, size, resize,
                                                   params.prepare.max_pixels,
                                                   trained.weights_digest))

@@ -364,23 +364,50 @@ def checked_saved_model(loaded, path: Path, files: list[str], pixels: np.ndarray
             "bytes_signature_images_counted": counted}
 
 
+def check_trained_answers(probs: np.ndarray, features: np.ndarray,
+                             trained_probs: np.ndarray, trained_features: np.ndarray) -> None:
+    """The trained model's stored answers (`trained_*`) against its traced graph's on the
+    same images: the same top-1 on every image that is no close call and pooled features
+    within FEATURES_MIN_COSINE, or UserError. They differ by round-off only (the stored
+    activations at the cut are features.dtype); a model file trained again without them
+    differs in its answers."""
+    agreed = parity(probs, trained_probs)["decided_top1_agreement"]
+    cosine = min_cosine(features, trained_features)
+    if agreed < 1.0 or cosine < FEATURES_MIN_COSINE:
+        raise UserError(f"{paths.EMBEDDINGS} does not hold the answers of {paths.MODEL_FILE} "
+                        f"(top-1 agreement {agreed}, smallest cosine {cosine} on "
+                        f"{len(probs)} validation images): they come from different training "
+                        "runs (dvc repro train)")
+
+
 def package(params: Params, model, classes: list[str],
+            trained_val: tuple[np.ndarray, np.ndarray],
             meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
     """The Keras `model`'s (paths.MODEL_FILE's) SavedModel (paths.SAVED_MODEL_DIR,
     `write_saved_model`) and what the registered model may serve with: the dynamic-range
     TFLite copy converted from the SavedModel (paths.SERVING_COPY, always) and the OpenVINO
     copies `package.openvino` names, of the same traced graph (paths.OPENVINO_DIR, one
-    folder each), each written in one rename. Per format, against the Keras model's own
-    traced graph (probabilities and pooled features) on up to SERVING_SAMPLE validation
-    images: its decided top-1 agreement and the smallest cosine similarity of its pooled
-    features (what the status reads); whether both reach their gates
-    (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its size and
-    what it computed in. The OpenVINO copies convert in a process of their own, started
-    first and reading the Keras file, while this one writes the SavedModel, converts and
-    checks the TFLite copy and checks the SavedModel itself (`checked_saved_model`, on the
-    same images), then runs `meanwhile(forward)` (the caller's other work with the traced
-    graph). Returns (candidates by format, the SavedModel's check)."""
-    from imgclf.data.manifests import pixels_of, sample_files, sample_pixels
+    folder each), each written in one rename. Per format, against the Keras model on up to
+    SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest cosine
+    similarity of its pooled features (what the status reads); whether both reach their
+    gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its size
+    and what it computed in. The Keras model's answers there are `trained_val`
+    (probabilities, pooled features on every validation image in manifest order: what
+    `train` computed for the selective stage, models/embeddings.npz), not a pass of its own:
+    the traced graph runs only on the CHUNK images that check the SavedModel
+    (`checked_saved_model`), and those same images check `trained_val` itself
+    (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
+    started first and reading the Keras file, while this one writes the SavedModel,
+    converts and checks the TFLite copy and checks the SavedModel, then runs
+    `meanwhile(forward)` (the caller's other work with the traced graph). Returns
+    (candidates by format, the SavedModel's check)."""
+    from imgclf.data.manifests import (
+        evenly_spaced_indices,
+        pixels_of,
+        read_manifest,
+        sample_pixels,
+    )
+    from imgclf.serving.runners import CHUNK
 
     size, resize = params.model.image_size, params.model.resize
     saved_model = paths.SAVED_MODEL_DIR
@@ -408,15 +435,24 @@ def package(params: Params, model, classes: list[str],
             with io.replaced_dir(saved_model) as written:
                 # The export's traced graph runs every check and the caller's work: one trace.
                 forward = write_saved_model(model, classes, size, resize, written)
-            files = sample_files("val", SERVING_SAMPLE)
+            val_files = read_manifest("val", classes)[0]
+            sample = evenly_spaced_indices(len(val_files), SERVING_SAMPLE)
+            files = [val_files[i] for i in sample]
             pixels = pixels_of(files, size, resize)
-            reference, reference_features = in_chunks(forward, pixels)
+            reference, reference_features = (answers[sample] for answers in trained_val)
+            # The SavedModel's checks look at the conversion, not at the data: a few images,
+            # evenly spaced over the sample's classes, whatever the validation split's size.
+            exact = evenly_spaced_indices(len(files), CHUNK)
+            exact_probs, exact_features = forward(pixels[exact])
+            check_trained_answers(exact_probs, exact_features, reference[exact],
+                                     reference_features[exact])
             loaded = load_saved_model(saved_model)  # converted from and checked once
             with io.replacing(paths.SERVING_COPY) as tmp:
                 write_tflite(saved_model, {"dynamic": tmp}, loaded=loaded)
                 candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
-            saved_model_check = checked_saved_model(loaded, saved_model, files, pixels,
-                                                    reference)
+            saved_model_check = checked_saved_model(loaded, saved_model,
+                                                    [files[i] for i in exact], pixels[exact],
+                                                    exact_probs)
             del loaded
             meanwhile(forward)
             # The copies the job has finished (the float one first), checked while it

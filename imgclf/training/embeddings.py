@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import io
+from imgclf.errors import UserError
 
 
 def _pooled_model(classifier, features, top):
@@ -76,3 +77,16 @@ def read(path: Path) -> dict:
         out["kernels"] = [stored[f"head_kernel_{i}"] for i in range(layers)]
         out["biases"] = [stored[f"head_bias_{i}"] for i in range(layers)]
     return out
+
+
+def validation_answers(path: Path, val_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped model's probabilities and pooled features on each of the `val_images`
+    validation images, in manifest order, as `write` stored them at `path`; UserError when
+    they are not one row per image (the file of a training on other data)."""
+    with np.load(path) as stored:
+        probs, features = stored["val_probs"], stored["val_features"]
+    if len(probs) != val_images:
+        raise UserError(f"{path} holds the answers on {len(probs)} validation images, the "
+                        f"validation split has {val_images}: it comes from a training on "
+                        f"other data (dvc repro train)")
+    return probs, features

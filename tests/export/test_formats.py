@@ -265,3 +265,40 @@ def test_package_refuses_a_saved_model_that_does_not_answer_as_keras(tmp_path):
     with pytest.raises(RuntimeError, match="image-bytes signature agrees .* 0.9 <"):
         checked_saved_model(_FakeSavedModel(keras_probs, bytes_probs),
                             tmp_path / "saved_model", files, pixels, keras_probs)
+
+
+def test_package_refuses_validation_answers_of_another_training(trained_project, tmp_path):
+    import os
+    import shutil
+
+    from imgclf.errors import UserError
+    from imgclf.export.formats import check_trained_answers
+
+    # package checks the serving copies against the Keras model's validation answers that
+    # train stored (models/embeddings.npz) instead of running the model over them again.
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project, symlinks=True,
+                    copy_function=lambda src, dst: (shutil.copy2 if src.endswith(".db")
+                                                    else os.link)(src, dst))
+    stored = project / "models/embeddings.npz"
+    with np.load(stored) as arrays:
+        kept = {k: arrays[k] for k in arrays.files}
+    kept["val_probs"], kept["val_features"] = kept["val_probs"][1:], kept["val_features"][1:]
+    stored.unlink()  # a link to the session's project: replaced, not written through
+    np.savez(stored, **kept)
+    saved_model = project / "models/saved_model/saved_model.pb"
+    before = saved_model.stat().st_mtime_ns
+    result = run_module("stages.package", project)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "models/embeddings.npz" in result.stderr and "Traceback" not in result.stderr
+    assert saved_model.stat().st_mtime_ns == before  # refused before anything was written
+
+    # Answers of another model on the right images: the few images the traced graph runs
+    # on (the SavedModel's check) give the model's own answers to compare them with.
+    probs = np.eye(3, dtype=np.float32)[np.arange(8) % 3] * 0.9 + 0.1 / 3  # decided
+    features = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    check_trained_answers(probs, features, probs, features + 1e-4)  # round-off passes
+    with pytest.raises(UserError, match="embeddings.npz does not hold the answers"):
+        check_trained_answers(probs, features, np.roll(probs, 1, axis=1), features)
+    with pytest.raises(UserError, match="smallest cosine"):
+        check_trained_answers(probs, features, probs, -features)
