@@ -28,16 +28,13 @@ def main() -> None:
     test_files = read_manifest("test", classes)[0]
     trained_val = embeddings.validation_answers(paths.EMBEDDINGS,
                                                 len(read_manifest("val", classes)[0]))
-    import keras
+    from imgclf.export import formats, reference  # TensorFlow loads in formats.package
 
-    from imgclf.export import formats, reference
-
-    model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
     size, resize = params.model.image_size, params.model.resize
     # The test split's reference runs with the SavedModel's traced graph while the OpenVINO
     # copies convert in their own process.
     candidates, saved_model_check = formats.package(
-        params, model, classes, trained_val,
+        params, classes, trained_val,
         meanwhile=lambda forward: reference.write(forward, test_files, size, resize,
                                                   params.prepare.max_pixels,
                                                   trained.weights_digest))

@@ -158,3 +158,36 @@ def test_tensorflow_start_up_lines_do_not_reach_the_user():
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert "oneDNN" in loud.stderr or "absl::InitializeLog" in loud.stderr
+
+
+def test_a_stage_that_returns_ends_after_its_threads_and_exit_handlers(tmp_path):
+    # A stage's main() run as the program skips the interpreter's teardown, not what exit
+    # owes: a thread still writing (MLflow's logging, a copy) finishes, atexit handlers run,
+    # buffered output is flushed; a stage's error still exits 2.
+    program = f"""
+import atexit, sys, threading, time
+from imgclf.errors import UserError, exits_cleanly
+
+def late_write():
+    time.sleep(0.3)
+    open({str(tmp_path / 'thread')!r}, "w").write("done")
+
+@exits_cleanly
+def main():
+    threading.Thread(target=late_write).start()
+    atexit.register(lambda: print("exit handler ran"))
+    print("buffered", end="")
+    if sys.argv[1:] == ["bad"]:
+        raise UserError("a bad value")
+
+main()
+print("never")
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "bufferedexit handler ran\n"  # and nothing after main()
+    assert (tmp_path / "thread").read_text() == "done"
+    bad = subprocess.run([sys.executable, "-c", program, "bad"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: a bad value"

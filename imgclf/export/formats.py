@@ -298,9 +298,11 @@ def _variables_indexed() -> Iterator[None]:
 
 @contextlib.contextmanager
 def openvino_converting(keras_file: Path, variants: dict[str, Path],
-                        calibration: np.ndarray | None = None) -> Iterator[None]:
-    """`write_openvino(keras_file, variants, calibration)` in a child process
-    (`imgclf.export.openvino_job`), started at once, while the caller's block runs. On
+                        calibration: tuple[int, int, str] | None = None) -> Iterator[None]:
+    """`write_openvino(keras_file, variants, pixels)` in a child process
+    (`imgclf.export.openvino_job`), started at once, while the caller's block runs; the
+    job decodes the calibration pixels itself, `calibration` = (count of training images,
+    image size, resize mode). On
     leaving the block, waits for it and raises its error if it failed; an error in the
     block kills it. The converters (TFLite's, OpenVINO's, NNCF's statistics) are mostly
     single-threaded: the caller writes the SavedModel and converts the TFLite copy
@@ -308,11 +310,8 @@ def openvino_converting(keras_file: Path, variants: dict[str, Path],
     if not variants:
         yield
         return
+    source = "-" if calibration is None else ":".join(map(str, calibration))
     with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
-        source = "-"
-        if calibration is not None:
-            source = str(Path(tmp) / "calibration.npy")
-            np.save(source, calibration)
         log = Path(tmp) / "log"
         with open(log, "wb") as out:
             # stdin stays open while the job runs: it exits when the pipe closes (this
@@ -380,10 +379,9 @@ def check_trained_answers(probs: np.ndarray, features: np.ndarray,
                         "runs (dvc repro train)")
 
 
-def package(params: Params, model, classes: list[str],
-            trained_val: tuple[np.ndarray, np.ndarray],
+def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, np.ndarray],
             meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
-    """The Keras `model`'s (paths.MODEL_FILE's) SavedModel (paths.SAVED_MODEL_DIR,
+    """The Keras model's (paths.MODEL_FILE's) SavedModel (paths.SAVED_MODEL_DIR,
     `write_saved_model`) and what the registered model may serve with: the dynamic-range
     TFLite copy converted from the SavedModel (paths.SERVING_COPY, always) and the OpenVINO
     copies `package.openvino` names, of the same traced graph (paths.OPENVINO_DIR, one
@@ -398,15 +396,11 @@ def package(params: Params, model, classes: list[str],
     (`checked_saved_model`), and those same images check `trained_val` itself
     (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
     started first and reading the Keras file, while this one writes the SavedModel,
-    converts and checks the TFLite copy and checks the SavedModel, then runs
+    loads the model, writes the SavedModel, converts and checks the TFLite copy and checks
+    the SavedModel, then runs
     `meanwhile(forward)` (the caller's other work with the traced graph). Returns
     (candidates by format, the SavedModel's check)."""
-    from imgclf.data.manifests import (
-        evenly_spaced_indices,
-        pixels_of,
-        read_manifest,
-        sample_pixels,
-    )
+    from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest
     from imgclf.serving.runners import CHUNK
 
     size, resize = params.model.image_size, params.model.resize
@@ -427,11 +421,14 @@ def package(params: Params, model, classes: list[str],
                 "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
 
     with io.replaced_dir(paths.OPENVINO_DIR) as staging:
-        calibration = (sample_pixels("train", params.package.calibration_images, size, resize)
+        calibration = ((params.package.calibration_images, size, resize)
                        if "int8" in openvino.values() else None)
+        # Started before this process loads anything: its own loading overlaps ours.
         with openvino_converting(paths.MODEL_FILE, {v: staging / v for v in openvino.values()},
                                  calibration):
-            del calibration  # the job reads its own copy
+            import keras
+
+            model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
             with io.replaced_dir(saved_model) as written:
                 # The export's traced graph runs every check and the caller's work: one trace.
                 forward = write_saved_model(model, classes, size, resize, written)

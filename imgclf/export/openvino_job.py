@@ -1,12 +1,13 @@
 """`python -m imgclf.export.openvino_job KERAS_FILE CALIBRATION VARIANT=FOLDER...`:
 `formats.write_openvino` in a process of its own (`formats.openvino_converting` starts it).
 
-CALIBRATION is a `.npy` of float pixels (int8's calibration images) or `-` for none. The
-package stage starts it first and, meanwhile, writes the SavedModel, converts the TFLite copy
-and runs its checks: the converters are mostly single-threaded, so on a machine with a
-second core the two overlap instead of queueing. The job exits as soon as its standard input
-closes, so a parent that dies (even by SIGKILL) takes it along instead of leaving it
-converting into a staging folder nobody reads.
+CALIBRATION is `COUNT:SIZE:RESIZE` (int8 is calibrated on COUNT training images, evenly
+spaced, decoded as the pipeline does: the job reads them itself) or `-` for none. The
+package stage starts it first, before it loads the model itself, and meanwhile writes the
+SavedModel, converts the TFLite copy and runs its checks: the converters are mostly
+single-threaded, so on a machine with a second core the two overlap instead of queueing.
+The job exits as soon as its standard input closes, so a parent that dies (even by SIGKILL)
+takes it along instead of leaving it converting into a staging folder nobody reads.
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ def _exit_with_parent() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    import numpy as np
-
     from imgclf.export.formats import write_openvino
 
     keras_file, calibration, *targets = args
     variants = {v: Path(folder) for v, folder in (t.split("=", 1) for t in targets)}
     code = 0
     try:
-        write_openvino(Path(keras_file), variants,
-                       None if calibration == "-" else np.load(calibration))
+        pixels = None
+        if calibration != "-":
+            from imgclf.data.manifests import sample_pixels
+
+            count, size, resize = calibration.split(":")
+            pixels = sample_pixels("train", int(count), int(size), resize)
+        write_openvino(Path(keras_file), variants, pixels)
     except BaseException:
         traceback.print_exc()
         code = 1
