@@ -395,9 +395,8 @@ def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, n
     the traced graph runs only on the CHUNK images that check the SavedModel
     (`checked_saved_model`), and those same images check `trained_val` itself
     (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
-    started first and reading the Keras file, while this one writes the SavedModel,
-    loads the model, writes the SavedModel, converts and checks the TFLite copy and checks
-    the SavedModel, then runs
+    started first and reading the Keras file, while this one loads the model, writes the
+    SavedModel, converts and checks the TFLite copy and checks the SavedModel, then runs
     `meanwhile(forward)` (the caller's other work with the traced graph). Returns
     (candidates by format, the SavedModel's check)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest
@@ -442,7 +441,7 @@ def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, n
             exact = evenly_spaced_indices(len(files), CHUNK)
             exact_probs, exact_features = forward(pixels[exact])
             check_trained_answers(exact_probs, exact_features, reference[exact],
-                                     reference_features[exact])
+                                  reference_features[exact])
             loaded = load_saved_model(saved_model)  # converted from and checked once
             with io.replacing(paths.SERVING_COPY) as tmp:
                 write_tflite(saved_model, {"dynamic": tmp}, loaded=loaded)
