@@ -302,11 +302,10 @@ def openvino_converting(keras_file: Path, variants: dict[str, Path],
     """`write_openvino(keras_file, variants, pixels)` in a child process
     (`imgclf.export.openvino_job`), started at once, while the caller's block runs; the
     job decodes the calibration pixels itself, `calibration` = (count of training images,
-    image size, resize mode). On
-    leaving the block, waits for it and raises its error if it failed; an error in the
-    block kills it. The converters (TFLite's, OpenVINO's, NNCF's statistics) are mostly
-    single-threaded: the caller writes the SavedModel and converts the TFLite copy
-    meanwhile instead of before or after it."""
+    image size, resize mode). On leaving the block, waits for it and raises its error if
+    it failed; an error in the block kills it. The converters (TFLite's, OpenVINO's,
+    NNCF's statistics) are mostly single-threaded: the caller writes the SavedModel and
+    converts the TFLite copy meanwhile instead of before or after it."""
     if not variants:
         yield
         return
