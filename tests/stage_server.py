@@ -24,9 +24,8 @@ from pathlib import Path
 IMPORT_TIME_PREFIXES = ("TF_", "KERAS_", "CUDA_", "OMP_", "PYTHON", "XLA_", "LD_")
 
 SERVER = r"""
-import json, os, runpy, sys, threading, traceback
+import atexit, json, os, runpy, sys, threading, traceback
 import imgclf  # its environment defaults and the quiet TensorFlow import, as a stage has
-from imgclf.errors import finish
 import tensorflow, keras, mlflow  # noqa: F401  the imports every child inherits
 
 def run(request):
@@ -57,7 +56,13 @@ def run(request):
     except BaseException:
         traceback.print_exc()
         code = 1
-    finish(code)  # what interpreter shutdown does: wait for threads, run atexit, flush
+    try:  # what interpreter shutdown does: wait for threads, run atexit, flush
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 replies = os.fdopen(int(sys.argv[1]), "w", buffering=1)
 replies.write(json.dumps({"ready": threading.active_count()}) + "\n")
