@@ -78,7 +78,7 @@ STEMS = {
     "export_speedup_{size}_int8": "full-integer int8 TFLite / Keras `predict` at {size} px "
     "(`export.tflite: [dynamic, int8]`)",
     "served_format_auto_{size}": "the format `mlflow.serving_format: auto` served at {size} "
-    "px on this machine (the fastest copy that agrees, timed by register)",
+    "px on this machine (the fastest copy that agrees, timed by package)",
     "pipeline_marginal_forward_passes_{size}": "what one more image costs the whole pipeline "
     "at {size} px (every stage through DVC, at two dataset sizes), in forward passes: the "
     "slope of the total over the slope of one Keras forward pass over the same images",
@@ -289,7 +289,7 @@ DECISIONS = [
     "- **Decoding** is not cached or pre-resized while `input_pipeline_headroom` is well above "
     "1; **threads** keep TensorFlow's defaults while `forward_peak_fraction_299` is near 1.",
     "- **Serving** (`mlflow.serving_format: auto`) uses the fastest copy on the machine that "
-    "registers it of those that keep 98% top-1 agreement: the served-formats table shows why "
+    "packages it of those that keep 98% top-1 agreement: the served-formats table shows why "
     "this is measured, not fixed (which format wins moves with the CPU and the image size); "
     "`serve_images_per_s_batch32` is what serving buys, `served_environment_mb` the "
     "environment it needs.",

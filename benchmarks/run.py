@@ -703,10 +703,10 @@ def bench_served_formats(work: Path, args) -> dict:
     `--formats-size` px against Keras `predict`, side by side in one run (the export stage's
     own table, `export.measure`): images/s at export.bench_batch_size, decided top-1
     agreement with Keras on the test split, what OpenVINO computed in; and the format
-    `mlflow.serving_format: auto` chose in register on this machine. The model is the demo
-    digits trained with the demo's head settings (`--formats-per-class` a class), not
-    calibrated: the demo's calibrated probabilities are all near-ties (close calls), which
-    the agreement does not count, so it would count nothing."""
+    `mlflow.serving_format: auto` chose on this machine (package timed the copies). The
+    model is the demo digits trained with the demo's head settings (`--formats-per-class`
+    a class), not calibrated: the demo's calibrated probabilities are all near-ties (close
+    calls), which the agreement does not count, so it would count nothing."""
     size = args.formats_size
     root = _digits_project(work / "formats", args.formats_per_class)
     _write_params(root, **{"model.image_size": size, "model.weights": None,

@@ -71,11 +71,13 @@ class PackageReport(StageReport):
     STAGE: ClassVar[str] = "package"
 
     weights_digest: str           # of the model they were made from
-    # The serving candidates (paths.SERVING_FORMATS), by format, against Keras on validation:
-    # top1_agreement (decided), features_min_cosine (of the pooled features), checked_images,
-    # parity (metrics.parity's keys: what export reports for the copy, not run again there),
-    # agrees (both reach their gates: it may serve), size_mb, precision (what the engine
-    # computed in, where it chooses)
+    # The serving candidates (paths.SERVING_FORMATS), by format, fastest first: images_per_s
+    # (timed on the machine that ran package), size_mb, precision (what the engine computed
+    # in, where it chooses), and against Keras on validation: top1_agreement (decided),
+    # features_min_cosine (of the pooled features), checked_images, parity (metrics.parity's
+    # keys: what export reports for the copy, not run again there), agrees (both reach their
+    # gates: it may serve). Checked fastest first until one agrees: a slower one's agreement
+    # keys are None (checked_images 0)
     candidates: dict
     # The SavedModel as loaded back, against Keras on validation images
     # (formats.checked_saved_model): parity keys of its pixels signature, checked_images,
@@ -102,8 +104,8 @@ class RegisterReport(StageReport):
     registration_key: str
     weights_digest: str
     serving_reason: str = ""      # why it serves with that format (the model card says it too)
-    # images/s of each candidate that agrees, timed on this machine when `auto` chose
-    # between several (empty otherwise, and when a rerun found the version registered)
+    # images/s of each candidate, as package timed them, when `auto` chose between several
+    # (empty otherwise, and when a rerun found the version registered)
     serving_speeds: dict = dataclasses.field(default_factory=dict)
 
     @property

@@ -1,5 +1,5 @@
-"""DVC stage `export`: SavedModel (image bytes in), TFLite and OpenVINO copies, labels; parity
-(and speed).
+"""DVC stage `export`: SavedModel (image bytes in), TFLite and OpenVINO copies, labels;
+parity (and speed).
 
 Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
 wrote: its SavedModel and serving candidates ship as they are, with package's checks; its
@@ -38,8 +38,7 @@ def main() -> None:
     if params.export.measure:
         report["serving"] = registered_serving(registered, files, Path.cwd())
     io.write_json(paths.EXPORT_REPORT, report)
-    runs.log_export(store.make_client(), registered.run_id, paths.EXPORT_REPORT,
-                    report["formats"])
+    runs.log_export(store.make_client(), registered.run_id, paths.EXPORT_REPORT, report["formats"])
     print(f"export: {paths.EXPORT_DIR} (recommended: {report['recommended']}, "
           + (f"{report['speedup_vs_keras_predict']}x Keras predict at batch "
              f"{report['batch_size']})" if report["measured"] else
@@ -47,8 +46,9 @@ def main() -> None:
     for name, fmt in report["formats"].items():
         timing = (f"{fmt['latency_ms_batch1']:>9.1f} ms/img {fmt['images_per_s']:>8.1f} img/s"
                   if report["measured"] else "")
-        print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {timing}  top-1 agreement "
-              f"{fmt['top1_agreement']:.4f}")
+        agreement = ("not checked (a faster copy agrees)" if fmt["top1_agreement"] is None
+                     else f"{fmt['top1_agreement']:.4f}")
+        print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {timing}  top-1 agreement {agreement}")
     if "serving" in report:
         serving = report["serving"]
         print(f"  served {serving['model']}: environment {serving['environment_mb']:.0f} MB, "

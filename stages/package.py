@@ -1,12 +1,12 @@
 """DVC stage `package`: the trained model's deployable files, written once.
 
 Reads params package, model (image_size, resize), prepare.max_pixels, and train's model and
-validation answers (models/embeddings.npz). Writes models/saved_model/ (what every other
-copy is converted from and export ships; checked as loaded back, else the stage fails), the
-serving candidates register chooses from, each with its agreement with those answers
-(models/model_dynamic.tflite, models/openvino/ as package.openvino names),
-models/keras_test_probs.npz (Keras's test-split answers, which evaluate and export compare
-with) and reports/package.json. docs/serving.md says what is checked on which images.
+its answers on the validation and training images (models/embeddings.npz). Writes
+models/saved_model/ (what every other copy is converted from and export ships; checked as
+loaded back, else the stage fails), the serving candidates (models/model_dynamic.tflite,
+models/openvino/ as package.openvino names), each timed here and checked against those
+answers fastest first until one agrees, models/keras_test_probs.npz (Keras's test-split
+answers: evaluate and export compare with them) and reports/package.json (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ def main() -> None:
 
     classes = read_classes()
     test_files = read_manifest("test", classes)[0]
-    trained_val = embeddings.validation_answers(paths.EMBEDDINGS,
-                                                len(read_manifest("val", classes)[0]))
+    answers = embeddings.stored_answers(paths.EMBEDDINGS, {
+        split: len(read_manifest(split, classes)[0]) for split in ("val", "train")})
     from imgclf.export import formats, reference  # TensorFlow loads in formats.package
 
     size, resize = params.model.image_size, params.model.resize
     # The test split's reference runs with the SavedModel's traced graph while the OpenVINO
     # copies convert in their own process.
     candidates, saved_model_check = formats.package(
-        params, classes, trained_val,
+        params, classes, answers,
         meanwhile=lambda forward: reference.write(forward, test_files, size, resize,
                                                   params.prepare.max_pixels,
                                                   trained.weights_digest))
@@ -45,12 +45,15 @@ def main() -> None:
           f"{saved_model_check['bytes_signature_top1_agreement']:.1%} of "
           f"{saved_model_check['bytes_signature_images_counted']} validation images), "
           f"{paths.KERAS_TEST_PROBS}, serving candidates (against Keras on validation images: "
-          "decided top-1 agreement, smallest cosine of the pooled features):")
-    for fmt, c in candidates.items():
-        gate = "" if c["agrees"] else "  (below a gate: auto never serves it)"
+          "images/s, decided top-1 agreement, smallest cosine of the pooled features):")
+    for fmt, c in candidates.items():  # fastest first
+        found = (f"{c['top1_agreement']:.1%} of {c['checked_images']}  cosine "
+                 f"{c['features_min_cosine']:.5f}" if c["checked_images"]
+                 else "not checked: a faster copy agrees")
+        gate = "  (below a gate: auto never serves it)" if c["agrees"] is False else ""
         engine = f"  computes in {c['precision']}" if c["precision"] else ""
-        print(f"  {fmt:<15}{c['size_mb']:>8.1f} MB  {c['top1_agreement']:.1%} of "
-              f"{c['checked_images']}  cosine {c['features_min_cosine']:.5f}{engine}{gate}")
+        print(f"  {fmt:<15}{c['size_mb']:>8.1f} MB {c['images_per_s']:>7.1f} img/s  "
+              f"{found}{engine}{gate}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from imgclf.serving.runners import (
     Runner,
     files_size,
     format_path,
-    in_chunks,
     load_runner,
     saved_model_bytes_fn,
     saved_model_runner,
@@ -334,7 +333,8 @@ def openvino_converting(keras_file: Path, variants: dict[str, Path],
                                + log.read_text(errors="replace")[-3000:])
 
 
-SERVING_SAMPLE = 256  # validation images each serving candidate is checked on: +-1 point at 98%
+SERVING_SAMPLE = 256  # images each serving candidate is checked on: +-1 point at 98%
+TIMING_IMAGES = 8  # images of the check sample (one batch) each candidate is timed on
 
 
 def checked_saved_model(loaded, path: Path, files: list[str], pixels: np.ndarray,
@@ -374,28 +374,46 @@ def check_trained_answers(probs: np.ndarray, features: np.ndarray,
     if agreed < 1.0 or cosine < FEATURES_MIN_COSINE:
         raise UserError(f"{paths.EMBEDDINGS} does not hold the answers of {paths.MODEL_FILE} "
                         f"(top-1 agreement {agreed}, smallest cosine {cosine} on "
-                        f"{len(probs)} validation images): they come from different training "
-                        "runs (dvc repro train)")
+                        f"{len(probs)} validation and training images): they come from "
+                        "different training runs (dvc repro train)")
 
 
-def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, np.ndarray],
+def check_sample(val_images: int, train_images: int, calibrated: int) -> dict[str, list[int]]:
+    """Which images the serving candidates are checked on ({split: manifest indices}):
+    SERVING_SAMPLE of them (all when the two splits hold fewer), evenly spaced over each
+    split's classes: validation images first, then training images, those the int8 copy
+    was not calibrated on before those it was (`calibrated`: how many,
+    `sample_pixels("train", calibrated)`), so the check's cost and power do not change with
+    the data once it holds that many images."""
+    from imgclf.data.manifests import evenly_spaced_indices
+
+    val = evenly_spaced_indices(val_images, SERVING_SAMPLE)
+    used = evenly_spaced_indices(train_images, calibrated)
+    unused = sorted(set(range(train_images)) - set(used))
+    train = []
+    for spare in (unused, used):
+        train += [spare[i] for i in evenly_spaced_indices(
+            len(spare), SERVING_SAMPLE - len(val) - len(train))]
+    return {"val": val, "train": sorted(train)}
+
+
+def package(params: Params, classes: list[str],
+            trained: dict[str, tuple[np.ndarray, np.ndarray]],
             meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
     """The Keras model's (paths.MODEL_FILE's) SavedModel (paths.SAVED_MODEL_DIR,
     `write_saved_model`) and what the registered model may serve with: the dynamic-range
     TFLite copy converted from the SavedModel (paths.SERVING_COPY, always) and the OpenVINO
     copies `package.openvino` names, of the same traced graph (paths.OPENVINO_DIR, one
-    folder each), each written in one rename. Per format, against the Keras model on up to
-    SERVING_SAMPLE validation images: its decided top-1 agreement and the smallest cosine
-    similarity of its pooled features (what the status reads); whether both reach their
-    gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE: only then may it serve), its size
-    and what it computed in. The Keras model's answers there are `trained_val`
-    (probabilities, pooled features on every validation image in manifest order: what
-    `train` computed for the selective stage, models/embeddings.npz), not a pass of its own:
-    the traced graph runs only on the CHUNK images that check the SavedModel
-    (`checked_saved_model`), and those same images check `trained_val` itself
-    (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
-    started first and reading the Keras file, while this one loads the model, writes the
-    SavedModel, converts and checks the TFLite copy and checks the SavedModel, then runs
+    folder each), each written in one rename; the copies timed and checked fastest first
+    against the Keras model on `check_sample`'s images (`checked_fastest_first`: the slower
+    ones are not checked once one agrees). The Keras model's answers there are `trained`'s
+    ({"val", "train": (probabilities, pooled features) on every image of the split in
+    manifest order}: what `train` stored for the selective stage, models/embeddings.npz), not
+    a pass of its own: the traced graph runs only on the CHUNK images that check the
+    SavedModel (`checked_saved_model`), and those same images check `trained` itself
+    (`check_trained_answers`). The OpenVINO copies convert in a process
+    of their own, started first and reading the Keras file, while this one loads the model,
+    writes the SavedModel, converts the TFLite copy and checks the SavedModel, then runs
     `meanwhile(forward)` (the caller's other work with the traced graph). Returns
     (candidates by format, the SavedModel's check)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest
@@ -406,17 +424,6 @@ def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, n
     # The OpenVINO formats asked for, by their folder's name (the variant: float, int8).
     openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
                 if path.parent == paths.OPENVINO_DIR and path.name in params.package.openvino}
-
-    def checked(fmt: str, path: Path) -> dict:
-        runner = load_runner(fmt, path)
-        probs, features = in_chunks(runner.both, pixels)
-        agreed = parity(reference, probs)
-        agreement = agreed["decided_top1_agreement"]
-        cosine = min_cosine(reference_features, features)
-        return {"top1_agreement": agreement, "features_min_cosine": cosine,
-                "checked_images": len(pixels), "parity": agreed,
-                "agrees": agreement >= QUANTISED_MIN_AGREEMENT and cosine >= FEATURES_MIN_COSINE,
-                "size_mb": round(runner.size_bytes / 1e6, 2), "precision": runner.precision}
 
     with io.replaced_dir(paths.OPENVINO_DIR) as staging:
         calibration = ((params.package.calibration_images, size, resize)
@@ -430,11 +437,14 @@ def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, n
             with io.replaced_dir(saved_model) as written:
                 # The export's traced graph runs every check and the caller's work: one trace.
                 forward = write_saved_model(model, classes, size, resize, written)
-            val_files = read_manifest("val", classes)[0]
-            sample = evenly_spaced_indices(len(val_files), SERVING_SAMPLE)
-            files = [val_files[i] for i in sample]
+            split_files = {split: read_manifest(split, classes)[0] for split in trained}
+            sample = check_sample(len(split_files["val"]), len(split_files["train"]),
+                                  calibration[0] if calibration else 0)
+            files = [split_files[split][i] for split, rows in sample.items() for i in rows]
             pixels = pixels_of(files, size, resize)
-            reference, reference_features = (answers[sample] for answers in trained_val)
+            reference, reference_features = (
+                np.concatenate([trained[split][k][rows] for split, rows in sample.items()])
+                for k in (0, 1))
             # The SavedModel's checks look at the conversion, not at the data: a few images,
             # evenly spaced over the sample's classes, whatever the validation split's size.
             exact = evenly_spaced_indices(len(files), CHUNK)
@@ -444,20 +454,68 @@ def package(params: Params, classes: list[str], trained_val: tuple[np.ndarray, n
             loaded = load_saved_model(saved_model)  # converted from and checked once
             with io.replacing(paths.SERVING_COPY) as tmp:
                 write_tflite(saved_model, {"dynamic": tmp}, loaded=loaded)
-                candidates = {"tflite_dynamic": checked("tflite_dynamic", tmp)}
             saved_model_check = checked_saved_model(loaded, saved_model,
                                                     [files[i] for i in exact], pixels[exact],
                                                     exact_probs)
             del loaded
             meanwhile(forward)
-            # The copies the job has finished (the float one first), checked while it
-            # quantises the others.
-            candidates.update({fmt: checked(fmt, staging / variant)
-                               for fmt, variant in openvino.items()
-                               if (staging / variant).is_dir()})
-        candidates.update({fmt: checked(fmt, staging / variant)
-                           for fmt, variant in openvino.items() if fmt not in candidates})
-    return {fmt: candidates[fmt] for fmt in ("tflite_dynamic", *openvino)}, saved_model_check
+        # Timed once the job has ended, so that nothing else shares the CPU.
+        made = {"tflite_dynamic": paths.SERVING_COPY,
+                **{fmt: staging / variant for fmt, variant in openvino.items()}}
+        candidates = checked_fastest_first(made, pixels, reference, reference_features)
+    return candidates, saved_model_check
+
+
+def checked_fastest_first(made: dict[str, Path], pixels: np.ndarray, reference: np.ndarray,
+                          reference_features: np.ndarray) -> dict[str, dict]:
+    """Each copy in `made` ({format: path}) timed on the same TIMING_IMAGES of `pixels`
+    (images/s at that batch, after a warm-up call), then checked against the Keras model's
+    answers on `pixels` (`reference`: probabilities, `reference_features`: pooled features),
+    fastest first: decided top-1 agreement and the smallest cosine of the pooled features;
+    it agrees when both reach their gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE).
+    A copy stops being run as soon as it cannot reach them (checked_images says how far it
+    got); the first that agrees is what `mlflow.serving_format: auto` serves, so the slower
+    ones are not run over the sample (their agreement keys None, checked_images 0).
+    Returns, fastest first, each format's images_per_s, size_mb, precision (what the engine
+    computed in, where it chooses), top1_agreement, features_min_cosine, checked_images,
+    parity, agrees."""
+    from imgclf.serving.runners import CHUNK, throughput
+
+    runners = {fmt: load_runner(fmt, path) for fmt, path in made.items()}
+    speeds = {fmt: throughput(runner, pixels[:TIMING_IMAGES])
+              for fmt, runner in runners.items()}
+    counted = decided(reference)
+    # Disagreements on counted images that still leave the copy at the gate.
+    allowed = int(np.floor(counted.sum() * (1 - QUANTISED_MIN_AGREEMENT) + 1e-9))
+    checked: dict[str, dict] = {}
+    for fmt in sorted(runners, key=lambda f: -speeds[f]):
+        runner = runners[fmt]
+        checked[fmt] = {"images_per_s": speeds[fmt], "size_mb": round(runner.size_bytes / 1e6, 2),
+                        "precision": runner.precision, "top1_agreement": None,
+                        "features_min_cosine": None, "checked_images": 0, "parity": None,
+                        "agrees": None}
+        if any(c["agrees"] for c in checked.values()):
+            continue
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(pixels), CHUNK):
+            parts.append(runner.both(pixels[start:start + CHUNK]))
+            probs, features = (np.concatenate(column) for column in zip(*parts, strict=True))
+            seen = len(probs)
+            wrong = ((probs.argmax(1) != reference[:seen].argmax(1)) & counted[:seen]).sum()
+            if wrong > allowed or min_cosine(reference_features[:seen],
+                                             features) < FEATURES_MIN_COSINE:
+                break  # below a gate whatever the rest of the sample says
+        seen = sum(len(p) for p, _ in parts)
+        if not seen:
+            continue
+        agreed = parity(reference[:seen], probs)
+        agreement = agreed["decided_top1_agreement"]
+        cosine = min_cosine(reference_features[:seen], features)
+        checked[fmt].update(
+            top1_agreement=agreement, features_min_cosine=cosine, checked_images=seen,
+            parity=agreed, agrees=(seen == len(pixels) and agreement >= QUANTISED_MIN_AGREEMENT
+                                   and cosine >= FEATURES_MIN_COSINE))
+    return checked
 
 
 def collect_probs(runners: dict, files: list[str], size: int, resize: str,
@@ -492,7 +550,7 @@ def recommend(formats: dict[str, dict], exact: list[str]) -> str:
     size is what is known without timings, it is what a deployment downloads, and on CPUs
     the quantised copies also run faster."""
     usable = exact + [n for n in formats if n not in exact and n not in ("keras", "saved_model")
-                      and formats[n]["decided_top1_agreement"] >= QUANTISED_MIN_AGREEMENT]
+                      and (formats[n]["decided_top1_agreement"] or 0) >= QUANTISED_MIN_AGREEMENT]
     if all("images_per_s" in formats[n] for n in usable):
         return max(usable, key=lambda n: formats[n]["images_per_s"])
     return min(usable, key=lambda n: formats[n]["size_mb"])
@@ -508,7 +566,7 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     the TFLite variants package did not convert; `packaged`: the copies package already
     converted from it ({format: file or folder}: the serving candidates, TFLite and
     OpenVINO), shipped as they are; `checks`: package's check of each (and of the SavedModel,
-    `saved_model`: `checked_saved_model`), on validation images, reported as it is: a copy is
+    `saved_model`: `checked_saved_model`), on the check sample, reported as it is: a copy is
     not run again here. A TFLite variant converted here is checked on (up to
     `export.parity_images` of) the test `files`, against `keras_probs` (package's Keras
     probabilities on every test file, models/keras_test_probs.npz). TensorFlow is loaded
@@ -566,7 +624,7 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
         formats[SAVED_MODEL] = {
             **{k: v for k, v in check.items() if not k.startswith("bytes_")},
             **(timed(saved_model_runner(staging / SAVED_MODEL, loaded)) if measure else {}),
-            "checked_on": "validation"}
+            "checked_on": "package"}
         names = [f"tflite_{v}" for v in params.export.tflite] + [
             f for f in shipped if f.startswith("openvino")]
         for name in names:
@@ -577,8 +635,12 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                              "checked_images": len(probs[name]), "checked_on": "test"}
             else:  # loaded only to be timed
                 runner = load_runner(name, path) if measure else None
-                agreement = {**checks[name]["parity"], "checked_on": "validation",
-                             "checked_images": checks[name]["checked_images"]}
+                # None: not checked, since a faster copy agrees (checked_fastest_first).
+                agreement = ({**checks[name]["parity"], "checked_on": "package",
+                              "checked_images": checks[name]["checked_images"]}
+                             if checks[name]["parity"] else
+                             {"top1_agreement": None, "decided_top1_agreement": None,
+                              "checked_images": 0, "checked_on": None})
             formats[name] = {"size_mb": round(files_size(path) / 1e6, 2), **timed(runner),
                              **agreement}
         exact = ["saved_model"] + (["tflite_float32"] if "tflite_float32" in formats else [])
@@ -596,7 +658,7 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
             "speedup_vs_keras_predict": round(
                 formats[recommended]["images_per_s"] / formats["keras"]["images_per_s"], 2)
             if measure else None,
-            # package's check, on validation images
+            # package's check, on its check sample
             "bytes_signature_top1_agreement": check["bytes_signature_top1_agreement"],
             "bytes_signature_images_counted": check["bytes_signature_images_counted"],
         }

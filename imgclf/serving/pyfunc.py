@@ -16,8 +16,9 @@ or without an `image` column, is refused as a bad request (HTTP 400 when served)
 row with its error instead.
 Inside: `classes.json`, the decode and resize rules of the pipeline, `selective.npz` (the
 scores and thresholds: imgclf/model/selective.py) and what answers requests: the copy the
-register stage chose (with `mlflow.serving_format: auto`, the fastest on its machine of the
-dynamic-range TFLite and OpenVINO copies that agreed with Keras on enough validation images),
+register stage chose (with `mlflow.serving_format: auto`, the fastest, as the package stage
+timed them, of the dynamic-range TFLite and OpenVINO copies that agree with Keras on enough
+validation images),
 else the `.keras` model. A version served from a copy names its Keras model by URI (an
 artifact of the training run) instead of carrying it. The format answers
 probabilities and pooled features in one forward pass; the status is numpy on those.

@@ -230,6 +230,15 @@ def load_runner(fmt: str, path: Path) -> Runner:
     raise ValueError(f"no runner for format {fmt!r}")
 
 
+def throughput(runner, pixels: np.ndarray, rounds: int = 2) -> float:
+    """Images/s of `runner` on `pixels` as one batch, after one warm-up call on it."""
+    runner(pixels)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        runner(pixels)
+    return round(rounds * len(pixels) / (time.perf_counter() - start), 2)
+
+
 def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict:
     """Median latency at batch 1 and throughput at `batch_size`, after one warm-up call."""
     one = pixels[:1]

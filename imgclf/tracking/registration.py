@@ -92,13 +92,11 @@ def input_example(params: Params) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-TIMING_IMAGES = 8  # validation images (one batch) each candidate is timed on
-
-
 def serving_format(params: Params, package: PackageReport) -> tuple[str, dict[str, float]]:
     """What the registered model computes with (`mlflow.serving_format`), and the images/s
-    that chose it: with `auto`, of the package stage's candidates that agree with Keras, the
-    fastest on this machine (Keras when none agrees); a named format as it is."""
+    that chose it: with `auto`, the fastest of the package stage's candidates that agrees
+    with Keras (package timed them all on its machine and checked them fastest first, so at
+    most one agrees; Keras when none does); a named format as it is."""
     wanted = params.mlflow.serving_format
     if wanted == "keras":
         return "keras", {}
@@ -109,15 +107,10 @@ def serving_format(params: Params, package: PackageReport) -> tuple[str, dict[st
                             f"allowed here: auto, keras, {', '.join(package.candidates)}")
         return wanted, {}
     passing = package.passing()
-    if len(passing) <= 1:
-        return (passing[0] if passing else "keras"), {}
-    from imgclf.data.manifests import sample_pixels
-    from imgclf.serving.runners import load_runner, speed
-
-    pixels = sample_pixels("val", TIMING_IMAGES, params.model.image_size, params.model.resize)
-    speeds = {fmt: speed(load_runner(fmt, paths.SERVING_FORMATS[fmt]), pixels,
-                         len(pixels))["images_per_s"] for fmt in passing}
-    return max(speeds, key=speeds.get), speeds
+    if not passing:
+        return "keras", {}
+    speeds = {fmt: c["images_per_s"] for fmt, c in package.candidates.items()}
+    return max(passing, key=speeds.get), (speeds if len(speeds) > 1 else {})
 
 
 SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
@@ -126,7 +119,7 @@ SIGNATURE_PARAMS = (("top_k", "long", 5), ("probabilities", "boolean", False),
 # The tag on the logged model and on the version naming what they hold (registration_key).
 KEY_TAG = "imgclf.registration"
 REASON_TAG = "serving_reason"  # why the version serves with its format, in a sentence
-SPEEDS_TAG = "serving_speeds"  # JSON: the images/s that chose it ({} when none were timed)
+SPEEDS_TAG = "serving_speeds"  # JSON: the images/s that chose it ({} when no choice was made)
 
 
 def _signature():
@@ -251,9 +244,9 @@ def register(client, params: Params, trained: TrainReport,
         print(f"register: {name} version {version.version} already holds this model "
               "(same weights, serving params and code): reused, not registered again")
         return _report(run_id, name, version, key, trained.weights_digest)
-    for fmt, candidate in package.candidates.items():  # once per run
+    for fmt, candidate in package.candidates.items():  # once per run; those checked
         metric = f"serving_top1_agreement.{fmt}"
-        if not client.get_metric_history(run_id, metric):
+        if candidate["checked_images"] and not client.get_metric_history(run_id, metric):
             client.log_metric(run_id, metric, candidate["top1_agreement"])
     logged = _logged_model(client, run_id, key)
     if logged is None:
@@ -284,16 +277,17 @@ def _why(fmt: str, params: Params, package: PackageReport, speeds: dict[str, flo
     if params.mlflow.serving_format != "auto":
         return f"mlflow.serving_format = {params.mlflow.serving_format}"
     checked = ", ".join(f"{f} {c['top1_agreement']:.1%} / {c['features_min_cosine']:.4f}"
-                        for f, c in package.candidates.items())
+                        for f, c in package.candidates.items() if c["checked_images"])
     gate = (f"against Keras on validation images, decided top-1 agreement / smallest cosine "
             f"of the pooled features: {checked}; at least {QUANTISED_MIN_AGREEMENT:.0%} / "
             f"{FEATURES_MIN_COSINE} may serve")
     if fmt == "keras":
         return f"no copy agrees with Keras well enough ({gate})"
     if not speeds:
-        return f"the only copy that agrees with Keras ({gate})"
+        return f"the only copy made, and it agrees with Keras ({gate})"
     timed = ", ".join(f"{f} {v:.1f}" for f, v in sorted(speeds.items(), key=lambda x: -x[1]))
-    return f"the fastest copy that agrees, in images/s on this machine: {timed} ({gate})"
+    return (f"the fastest copy that agrees, in images/s on the machine that ran package: "
+            f"{timed}; checked fastest first, the slower ones not once one agreed ({gate})")
 
 
 def _report(run_id: str, name: str, version, key: str, weights_digest: str) -> RegisterReport:

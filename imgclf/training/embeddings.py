@@ -1,6 +1,7 @@
 """The trained model's own view of its training and validation images, kept for the
-`selective` stage: the pooled features its head reads (penultimate features), the validation
-probabilities, and the head's weights.
+`selective` stage: the pooled features its head reads (penultimate features), its
+probabilities (which `package` also checks the serving copies against), and the head's
+weights.
 
 From the stored arrays when there are some (the base's top and the pool run on the
 activations at the cut: no pass of the base), else from the images. Written by `train`
@@ -56,12 +57,15 @@ def write(classifier, data, top, batch: int, path: Path) -> None:
     model, kind = _pooled_model(classifier, data.features, top)
     train = _pooled(model, kind, data.features, data, "train", data.train_files, batch)
     val = _pooled(model, kind, data.features, data, "val", data.val_files, batch)
-    val_probs = (classifier.feature_head().predict(val, verbose=0) if len(val)
-                 else np.zeros((0, data.num_classes), np.float32))
+    head = classifier.feature_head()
+    train_probs, val_probs = (head.predict(split, verbose=0) if len(split)
+                              else np.zeros((0, data.num_classes), np.float32)
+                              for split in (train, val))
     kernels, biases = head_weights(classifier)
     with io.replacing(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, train_features=train.astype(np.float16),
-                 train_labels=data.train_labels, val_features=val.astype(np.float32),
+                 train_labels=data.train_labels, train_probs=train_probs.astype(np.float32),
+                 val_features=val.astype(np.float32),
                  val_labels=data.val_labels, val_probs=val_probs.astype(np.float32),
                  **{f"head_kernel_{i}": k for i, k in enumerate(kernels)},
                  **{f"head_bias_{i}": b for i, b in enumerate(biases)})
@@ -79,14 +83,22 @@ def read(path: Path) -> dict:
     return out
 
 
-def validation_answers(path: Path, val_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """The shipped model's probabilities and pooled features on each of the `val_images`
-    validation images, in manifest order, as `write` stored them at `path`; UserError when
-    they are not one row per image (the file of a training on other data)."""
+def stored_answers(path: Path, images: dict[str, int]) -> dict[str, tuple[np.ndarray,
+                                                                        np.ndarray]]:
+    """The shipped model's probabilities and pooled features on every image of each split
+    `images` names ({"val" or "train": its image count}), in manifest order, as `write`
+    stored them at `path`. UserError when a split is not one row per image (the file of a
+    training on other data) or the file predates the training images' probabilities."""
+    answers = {}
     with np.load(path) as stored:
-        probs, features = stored["val_probs"], stored["val_features"]
-    if len(probs) != val_images:
-        raise UserError(f"{path} holds the answers on {len(probs)} validation images, the "
-                        f"validation split has {val_images}: it comes from a training on "
-                        f"other data (dvc repro train)")
-    return probs, features
+        for split, count in images.items():
+            if f"{split}_probs" not in stored.files:
+                raise UserError(f"{path} holds no probabilities of the {split} images: it "
+                                "was written by an older version (dvc repro train)")
+            probs, features = stored[f"{split}_probs"], stored[f"{split}_features"]
+            if len(probs) != count or len(features) != count:
+                raise UserError(f"{path} holds the answers on {len(probs)} {split} images, "
+                                f"the {split} split has {count}: it comes from a training on "
+                                f"other data (dvc repro train)")
+            answers[split] = (probs, features.astype(np.float32))
+    return answers

@@ -27,6 +27,47 @@ def test_recommended_is_the_fastest_that_agrees_when_timed_else_the_smallest():
     assert recommend(timed, ["saved_model"]) == "saved_model"
 
 
+def test_candidates_are_checked_fastest_first_until_one_agrees(monkeypatch):
+    import time
+
+    from imgclf.export import formats
+    from imgclf.serving.runners import CHUNK, Runner
+
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (80, 8, 8, 3)).astype(np.float32)
+    reference = np.eye(4, dtype=np.float32)[np.arange(80) % 4] * 0.9 + 0.025
+    features = rng.normal(size=(80, 6)).astype(np.float32)
+    sample_calls = {}
+
+    def runner(name: str, delay: float, wrong: bool) -> Runner:
+        def both(batch):
+            time.sleep(delay)
+            if len(batch) > formats.TIMING_IMAGES:  # the check, not the timing
+                sample_calls[name] = sample_calls.get(name, 0) + 1
+            index = [next(j for j, p in enumerate(pixels) if (p == b).all()) for b in batch]
+            # wrong: every answer moved one class on
+            probs = np.roll(reference[index], 1, axis=1) if wrong else reference[index]
+            return probs, features[index]
+        return Runner(name, lambda b: both(b)[0], 1_000_000, both)
+
+    # fast but below the gate, then two that agree: the faster of them serves, the slowest
+    # is timed and never run over the sample; the one below the gate stops at its first
+    # chunk of images, where it already cannot reach it
+    made = {"slow": runner("slow", 0.03, False), "fast": runner("fast", 0.0, True),
+            "middle": runner("middle", 0.01, False)}
+    monkeypatch.setattr(formats, "load_runner", lambda fmt, path: made[fmt])
+    checked = formats.checked_fastest_first({f: Path(f) for f in made}, pixels, reference,
+                                            features)
+    assert list(checked) == ["fast", "middle", "slow"]  # fastest first, as timed
+    assert checked["fast"]["images_per_s"] > checked["middle"]["images_per_s"] \
+        > checked["slow"]["images_per_s"]
+    assert checked["fast"]["agrees"] is False and checked["fast"]["top1_agreement"] == 0.0
+    assert checked["fast"]["checked_images"] == CHUNK and sample_calls["fast"] == 1
+    assert checked["middle"]["agrees"] is True and checked["middle"]["checked_images"] == 80
+    assert checked["slow"]["agrees"] is None and checked["slow"]["checked_images"] == 0
+    assert "slow" not in sample_calls and sample_calls["middle"] == 3
+
+
 def test_an_openvino_conversion_that_fails_stops_the_stage_with_its_error(tmp_path):
     from imgclf.export.formats import openvino_converting
 
@@ -73,38 +114,52 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     variables = sum(f.stat().st_size for f in (export / "saved_model/variables").iterdir())
     assert variables < 1.2 * (export / "model_float32.tflite").stat().st_size
     # The recommended format is the fastest of those that keep the agreement gate; a
-    # quantised format below it is never recommended.
+    # quantised format below it, or one package did not check, is never recommended.
     usable = [n for n, f in formats.items()
-              if n != "keras" and f["decided_top1_agreement"] >= 0.98]
+              if n != "keras" and (f["decided_top1_agreement"] or 0) >= 0.98]
     assert report["recommended"] == max(usable, key=lambda n: formats[n]["images_per_s"])
     assert report["speedup_vs_keras_predict"] == pytest.approx(
         formats[report["recommended"]]["images_per_s"] / formats["keras"]["images_per_s"],
         abs=0.01)
 
-    # The reported agreement is the agreement: the dynamic-range file, run again on the images
-    # it was checked on, agrees with the Keras model exactly as often as the report says.
-    # package checked it, on the validation images (all of them here); float32 and int8,
-    # converted by export, on the test images.
+    # The reported agreement is the agreement: a copy package checked, run again on the
+    # images it was checked on (`check_sample`'s, as far as its check went), agrees with the
+    # Keras model exactly as often as the report says; one it did not check says so. float32
+    # and int8, converted by export, were checked on the test images.
+    from imgclf.export.formats import check_sample
     from imgclf.serving.batches import iter_batches
-    from imgclf.serving.runners import load_keras_file, tflite_runner
+    from imgclf.serving.runners import format_path, load_keras_file, load_runner, tflite_runner
 
-    def split_pixels(split: str) -> np.ndarray:
+    def split_files(split: str) -> list[str]:
         rows = (trained_project / f"data/prepared/{split}.csv").read_text().splitlines()[1:]
-        files = [str(trained_project / line.split(",")[0]) for line in rows]
+        return [str(trained_project / line.split(",")[0]) for line in rows]
+
+    def pixels_of(files: list[str]) -> np.ndarray:
         return np.concatenate([p for _, p, _ in iter_batches(files, 75, "crop", 32)])
 
-    pixels, val_pixels = split_pixels("test"), split_pixels("val")
+    val, train = split_files("val"), split_files("train")
+    sample = check_sample(len(val), len(train), 100)  # package.calibration_images
+    sample_files = [val[i] for i in sample["val"]] + [train[i] for i in sample["train"]]
+    sample_pixels = pixels_of(sample_files)
+    assert len(sample_pixels) == min(256, len(val) + len(train))
     keras_model = load_keras_file(trained_project / "models/model.keras",
                                   trained_project / "data/prepared/classes.json", None, "crop")
-    lite = tflite_runner(trained_project / "models/export/model_dynamic.tflite", "d")
-    for name, on, images in (("tflite_dynamic", "validation", val_pixels),
-                             ("tflite_int8", "test", pixels)):
-        runner = tflite_runner(export / f"model_{name.removeprefix('tflite_')}.tflite", name)
+    candidates = json.loads((trained_project / "reports/package.json").read_text())["candidates"]
+    assert any(c["checked_images"] for c in candidates.values())
+    checks = [(name, "package", sample_pixels[:c["checked_images"]])
+              for name, c in candidates.items() if c["checked_images"]]
+    pixels = pixels_of(split_files("test"))
+    for name, on, images in checks + [("tflite_int8", "test", pixels)]:
+        runner = load_runner(name, format_path(export, name))
         agreement = float((keras_model.predict(images).argmax(1)
                            == runner(images).argmax(1)).mean())
         assert formats[name]["checked_on"] == on
         assert formats[name]["checked_images"] == len(images)
         assert formats[name]["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
+    for name, candidate in candidates.items():
+        if not candidate["checked_images"]:
+            assert formats[name]["top1_agreement"] is None
+            assert formats[name]["checked_on"] is None
 
     # int8 is full-integer: int8 weights and activations inside, float pixels in and
     # probabilities out like every other format, close to Keras (calibrated on train images).
@@ -114,6 +169,7 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     types = {t["dtype"] for t in Interpreter(model_path=str(int8_file)).get_tensor_details()}
     assert np.int8 in types
     int8 = tflite_runner(int8_file, "i")(pixels)
+    lite = tflite_runner(export / "model_dynamic.tflite", "d")
     assert int8.shape == lite(pixels).shape and np.allclose(int8.sum(1), 1, atol=1e-2)
     assert np.abs(int8 - keras_model.predict(pixels)).max() < 0.1
 
@@ -182,13 +238,15 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     # pipeline's pixels, up to resampling round-off.
     reference = keras_model.predict(pixels)
     assert np.abs(probs - reference).max() < 0.05
-    # package checked it, loaded back, on the validation images (all of them here), and
+    # package checked it, loaded back, on one batch of its check sample (evenly spaced), and
     # says how often top-1 agrees; export reports that check as it is.
-    val = (trained_project / "data/prepared/val.csv").read_text().splitlines()[1:]
-    val_files = [trained_project / line.split(",")[0] for line in val]
-    val_reference = keras_model.predict(val_pixels)
-    val_probs = served(image_bytes=tf.constant([f.read_bytes() for f in val_files]))[
-        "probabilities"].numpy()
+    from imgclf.data.manifests import evenly_spaced_indices
+    from imgclf.serving.runners import CHUNK
+
+    exact = evenly_spaced_indices(len(sample_files), CHUNK)
+    val_reference = keras_model.predict(sample_pixels[exact])
+    val_probs = served(image_bytes=tf.constant([Path(sample_files[i]).read_bytes()
+                                                for i in exact]))["probabilities"].numpy()
     counted = decided(val_reference)  # close calls (round-off may flip them) are not counted
     checked = json.loads((trained_project / "reports/package.json").read_text())["saved_model"]
     assert checked["bytes_signature_images_counted"] == int(counted.sum())
@@ -267,31 +325,50 @@ def test_package_refuses_a_saved_model_that_does_not_answer_as_keras(tmp_path):
                             tmp_path / "saved_model", files, pixels, keras_probs)
 
 
-def test_package_refuses_validation_answers_of_another_training(trained_project, tmp_path):
+def test_package_checks_copies_on_stored_answers_and_refuses_another_trainings(
+        trained_project, tmp_path):
     import os
     import shutil
 
     from imgclf.errors import UserError
     from imgclf.export.formats import check_trained_answers
+    from imgclf.serving.batches import iter_batches
+    from imgclf.serving.runners import load_keras_file
+    from imgclf.training.embeddings import stored_answers
 
-    # package checks the serving copies against the Keras model's validation answers that
-    # train stored (models/embeddings.npz) instead of running the model over them again.
+    # package checks the serving copies against the Keras model's answers that train stored
+    # (models/embeddings.npz) instead of running the model again: its probabilities and
+    # pooled features on the validation and training images, from the stored activations:
+    # the model's own answers, up to the activations' float16.
+    rows = (trained_project / "data/prepared/train.csv").read_text().splitlines()[1:]
+    train = [str(trained_project / line.split(",")[0]) for line in rows]
+    probs, features = stored_answers(trained_project / "models/embeddings.npz",
+                                     {"train": len(train)})["train"]
+    keras_model = load_keras_file(trained_project / "models/model.keras",
+                                  trained_project / "data/prepared/classes.json", None, "crop")
+    pixels = np.concatenate([p for _, p, _ in iter_batches(train, 75, "crop", 32)])
+    np.testing.assert_allclose(probs, keras_model.predict(pixels), atol=2e-3)
+    assert features.shape == (len(train), 1536)
+
     project = tmp_path / "project"
     shutil.copytree(trained_project, project, symlinks=True,
                     copy_function=lambda src, dst: (shutil.copy2 if src.endswith(".db")
                                                     else os.link)(src, dst))
     stored = project / "models/embeddings.npz"
     with np.load(stored) as arrays:
-        kept = {k: arrays[k] for k in arrays.files}
-    kept["val_probs"], kept["val_features"] = kept["val_probs"][1:], kept["val_features"][1:]
-    stored.unlink()  # a link to the session's project: replaced, not written through
-    np.savez(stored, **kept)
+        original = {k: arrays[k] for k in arrays.files}
     saved_model = project / "models/saved_model/saved_model.pb"
     before = saved_model.stat().st_mtime_ns
-    result = run_module("stages.package", project)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "models/embeddings.npz" in result.stderr and "Traceback" not in result.stderr
-    assert saved_model.stat().st_mtime_ns == before  # refused before anything was written
+    for split in ("val", "train"):
+        keys = [f"{split}_probs", f"{split}_features", f"{split}_labels"]
+        kept = {**original, **{k: original[k][1:] for k in keys}}  # one image's row missing
+        stored.unlink()  # a link to the session's project: replaced, not written through
+        np.savez(stored, **kept)
+        result = run_module("stages.package", project)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "models/embeddings.npz" in result.stderr and f" {split} " in result.stderr
+        assert "Traceback" not in result.stderr
+        assert saved_model.stat().st_mtime_ns == before  # refused before anything was written
 
     # Answers of another model on the right images: the few images the traced graph runs
     # on (the SavedModel's check) give the model's own answers to compare them with.

@@ -68,8 +68,8 @@ def test_register_killed_between_logging_and_registering_logs_the_model_once(tra
         report_file.write_text(saved[1])
 
 
-def test_auto_serves_the_fastest_copy_that_agrees_on_this_machine(trained_project,
-                                                                   monkeypatch):
+def test_auto_serves_the_fastest_copy_that_agrees_as_package_timed_them(trained_project,
+                                                                       monkeypatch):
     import dataclasses
 
     import pytest
@@ -82,28 +82,29 @@ def test_auto_serves_the_fastest_copy_that_agrees_on_this_machine(trained_projec
     monkeypatch.chdir(trained_project)
     params, package = load_params(), PackageReport.read()
     assert set(package.candidates) == {"tflite_dynamic", "openvino", "openvino_int8"}
+    timed = {f: c["images_per_s"] for f, c in package.candidates.items()}
+    assert all(v > 0 for v in timed.values())
 
-    def without(report, *formats):  # `formats` below the agreement gate
+    def agreeing(report, *formats):  # only `formats` reach the agreement gate
         return dataclasses.replace(report, candidates={
-            f: {**c, "agrees": c["agrees"] and f not in formats}
-            for f, c in report.candidates.items()})
+            f: {**c, "agrees": f in formats} for f, c in report.candidates.items()})
 
-    # All three agree here: a random-init model's agreement is not what this test is about.
-    package = dataclasses.replace(package, candidates={
-        f: {**c, "agrees": True} for f, c in package.candidates.items()})
-    fmt, speeds = serving_format(params, package)
-    assert set(speeds) == set(package.candidates) and fmt == max(speeds, key=speeds.get)
-    # A copy below the gate is neither timed nor served, however fast it is.
-    second, speeds = serving_format(params, without(package, fmt))
-    assert fmt not in speeds and second == max(speeds, key=speeds.get)
-    # One left: served without timing; none: Keras.
-    rest = [f for f in package.candidates if f != "openvino"]
-    assert serving_format(params, without(package, *rest)) == ("openvino", {})
-    assert serving_format(params, without(package, *package.candidates)) == ("keras", {})
+    # A random-init model's agreement is not what this test is about: it sets who agrees.
+    everyone = agreeing(package, *package.candidates)
+    fmt, speeds = serving_format(params, everyone)
+    assert speeds == timed and fmt == max(timed, key=timed.get)  # register times nothing
+    # A copy below the gate is not served, however fast it is.
+    slowest = min(timed, key=timed.get)
+    assert serving_format(params, agreeing(package, slowest)) == (slowest, timed)
+    # One copy made: served without a choice; none agrees: Keras.
+    only = dataclasses.replace(everyone, candidates={
+        slowest: everyone.candidates[slowest]})
+    assert serving_format(params, only) == (slowest, {})
+    assert serving_format(params, agreeing(package)) == ("keras", {})
     # A named format serves as named, if package made it; else the user hears which exist.
     named = params.model_copy(update={"mlflow": params.mlflow.model_copy(
         update={"serving_format": "openvino_int8"})})
-    assert serving_format(named, without(package, "openvino_int8")) == ("openvino_int8", {})
+    assert serving_format(named, agreeing(package)) == ("openvino_int8", {})
     only_tflite = dataclasses.replace(package, candidates={
         "tflite_dynamic": package.candidates["tflite_dynamic"]})
     with pytest.raises(UserError, match="mlflow.serving_format = openvino_int8.*"
