@@ -73,13 +73,13 @@ class PackageReport(StageReport):
     weights_digest: str           # of the model they were made from
     # The serving candidates (paths.SERVING_FORMATS), by format, fastest first: images_per_s
     # (timed on the machine that ran package), size_mb, precision (what the engine computed
-    # in, where it chooses), and against Keras on validation: top1_agreement (decided),
-    # features_min_cosine (of the pooled features), checked_images, parity (metrics.parity's
-    # keys: what export reports for the copy, not run again there), agrees (both reach their
-    # gates: it may serve). Checked fastest first until one agrees: a slower one's agreement
-    # keys are None (checked_images 0)
+    # in, where it chooses), and against Keras on its check sample (formats.check_sample):
+    # top1_agreement (decided), features_min_cosine (of the pooled features), checked_images,
+    # parity (metrics.parity's keys: what export reports for the copy, not run again there),
+    # agrees (both reach their gates: it may serve). Checked fastest first until one agrees:
+    # a slower one's agreement keys are None (checked_images 0)
     candidates: dict
-    # The SavedModel as loaded back, against Keras on validation images
+    # The SavedModel as loaded back, against Keras on one batch of that sample
     # (formats.checked_saved_model): parity keys of its pixels signature, checked_images,
     # size_mb, bytes_signature_top1_agreement, bytes_signature_images_counted
     saved_model: dict

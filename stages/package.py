@@ -43,8 +43,8 @@ def main() -> None:
     print(f"package: {paths.SAVED_MODEL_DIR} (as loaded back: Keras's answers, max difference "
           f"{saved_model_check['max_abs_diff']:.1e}; its image-bytes signature agrees on "
           f"{saved_model_check['bytes_signature_top1_agreement']:.1%} of "
-          f"{saved_model_check['bytes_signature_images_counted']} validation images), "
-          f"{paths.KERAS_TEST_PROBS}, serving candidates (against Keras on validation images: "
+          f"{saved_model_check['bytes_signature_images_counted']} images), "
+          f"{paths.KERAS_TEST_PROBS}, serving candidates (against Keras on its check sample: "
           "images/s, decided top-1 agreement, smallest cosine of the pooled features):")
     for fmt, c in candidates.items():  # fastest first
         found = (f"{c['top1_agreement']:.1%} of {c['checked_images']}  cosine "

@@ -411,9 +411,9 @@ def package(params: Params, classes: list[str],
     manifest order}: what `train` stored for the selective stage, models/embeddings.npz), not
     a pass of its own: the traced graph runs only on the CHUNK images that check the
     SavedModel (`checked_saved_model`), and those same images check `trained` itself
-    (`check_trained_answers`). The OpenVINO copies convert in a process
-    of their own, started first and reading the Keras file, while this one loads the model,
-    writes the SavedModel, converts the TFLite copy and checks the SavedModel, then runs
+    (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
+    started first and reading the Keras file, while this one loads the model, writes the
+    SavedModel, converts the TFLite copy and checks the SavedModel, then runs
     `meanwhile(forward)` (the caller's other work with the traced graph). Returns
     (candidates by format, the SavedModel's check)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest

@@ -278,9 +278,9 @@ def _why(fmt: str, params: Params, package: PackageReport, speeds: dict[str, flo
         return f"mlflow.serving_format = {params.mlflow.serving_format}"
     checked = ", ".join(f"{f} {c['top1_agreement']:.1%} / {c['features_min_cosine']:.4f}"
                         for f, c in package.candidates.items() if c["checked_images"])
-    gate = (f"against Keras on validation images, decided top-1 agreement / smallest cosine "
-            f"of the pooled features: {checked}; at least {QUANTISED_MIN_AGREEMENT:.0%} / "
-            f"{FEATURES_MIN_COSINE} may serve")
+    gate = (f"against Keras on validation (and training) images, decided top-1 agreement / "
+            f"smallest cosine of the pooled features: {checked}; at least "
+            f"{QUANTISED_MIN_AGREEMENT:.0%} / {FEATURES_MIN_COSINE} may serve")
     if fmt == "keras":
         return f"no copy agrees with Keras well enough ({gate})"
     if not speeds:
