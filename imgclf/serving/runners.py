@@ -249,14 +249,8 @@ def speed(runner, pixels: np.ndarray, batch_size: int, repeats: int = 5) -> dict
         runner(one)
         latencies.append(time.perf_counter() - start)
     batch = np.concatenate([pixels] * (-(-batch_size // len(pixels))))[:batch_size]
-    runner(batch)
-    start = time.perf_counter()
-    rounds = 3
-    for _ in range(rounds):
-        runner(batch)
-    elapsed = time.perf_counter() - start
     return {"latency_ms_batch1": round(statistics.median(latencies) * 1000, 3),
-            "images_per_s": round(rounds * batch_size / elapsed, 2)}
+            "images_per_s": throughput(runner, batch, rounds=3)}
 
 
 def load_keras_file(path: Path, classes_path: Path, image_size: int | None,
