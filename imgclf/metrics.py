@@ -97,13 +97,20 @@ def errors_table(probs: np.ndarray, labels: np.ndarray, files: list[str],
 # Round-off (another decoder, quantised weights) may flip it without being wrong, and a
 # random-init model (tests, the demo) answers almost every image with one.
 CLOSE_CALL_MARGIN = 0.02
-# The gate a quantised (or reduced-precision) copy passes to serve or be recommended: its
-# decided top-1 agreement with Keras.
+# The gates a quantised (or reduced-precision) copy passes to serve or be recommended: its
+# decided top-1 agreement with Keras ...
 QUANTISED_MIN_AGREEMENT = 0.98
-# ... and, to serve, the pooled features the status reads (the out-of-distribution score)
-# close to Keras's on every checked image: the smallest cosine similarity between them.
-# kNN, the default score, compares normalised features, so this bounds what moves it.
+# ... and the pooled features the status reads (the out-of-distribution score) close to
+# Keras's on every checked image: the smallest cosine similarity between them. kNN, the
+# default score, compares normalised features, so this bounds what moves it.
 FEATURES_MIN_COSINE = 0.999
+
+
+def stands_in(decided_agreement: float, features_cosine: float) -> bool:
+    """Whether a copy checked against Keras may stand in for it (serve, be recommended): both
+    gates, one rule for every stage that decides it."""
+    return (decided_agreement >= QUANTISED_MIN_AGREEMENT
+            and features_cosine >= FEATURES_MIN_COSINE)
 
 
 def decided(reference: np.ndarray, margin: float = CLOSE_CALL_MARGIN) -> np.ndarray:

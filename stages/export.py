@@ -1,9 +1,7 @@
 """DVC stage `export`: SavedModel (image bytes in), TFLite and OpenVINO copies, labels;
-parity (and speed).
-
-Reads params export, model (image_size, resize), prepare.max_pixels, and what `package`
-wrote: its SavedModel and serving candidates ship as they are, with package's checks; its
-Keras test probabilities are the reference for a TFLite variant converted here. Writes
+parity (and speed). Reads params export, model (image_size, resize), prepare.max_pixels, and
+what `package` wrote: its SavedModel and serving candidates ship as they are, with package's
+checks; its Keras test answers are the reference for a TFLite variant converted here. Writes
 models/export/ and reports/export.json (logged to the training run); with export.measure,
 every format's speed and the served version's costs (`mlflow models serve`). Fails when an
 exact format differs from Keras. No TensorFlow unless it converts or times (export.measure).
@@ -32,7 +30,7 @@ def main() -> None:
     classes = read_classes()
     files, _ = read_manifest("test", classes)
     report = export_all(params, paths.MODEL_FILE, classes, files, paths.SAVED_MODEL_DIR,
-                        reference.read(files, package.weights_digest),
+                        reference.read(files, package.weights_digest, with_features=True),
                         {"saved_model": package.saved_model, **package.candidates},
                         {fmt: paths.SERVING_FORMATS[fmt] for fmt in package.candidates})
     if params.export.measure:
@@ -47,7 +45,8 @@ def main() -> None:
         timing = (f"{fmt['latency_ms_batch1']:>9.1f} ms/img {fmt['images_per_s']:>8.1f} img/s"
                   if report["measured"] else "")
         agreement = ("not checked (a faster copy agrees)" if fmt["top1_agreement"] is None
-                     else f"{fmt['top1_agreement']:.4f}")
+                     else f"{fmt['top1_agreement']:.4f}" + (
+                         "  (below a gate: never recommended)" if not fmt["agrees"] else ""))
         print(f"  {name:<16}{fmt['size_mb']:>9.1f} MB {timing}  top-1 agreement {agreement}")
     if "serving" in report:
         serving = report["serving"]

@@ -35,6 +35,7 @@ from imgclf.metrics import (
     decided,
     min_cosine,
     parity,
+    stands_in,
 )
 from imgclf.params import Params
 from imgclf.serving.batches import iter_batches
@@ -472,7 +473,7 @@ def checked_fastest_first(made: dict[str, Path], pixels: np.ndarray, reference: 
     (images/s at that batch, after a warm-up call), then checked against the Keras model's
     answers on `pixels` (`reference`: probabilities, `reference_features`: pooled features),
     fastest first: decided top-1 agreement and the smallest cosine of the pooled features;
-    it agrees when both reach their gates (QUANTISED_MIN_AGREEMENT, FEATURES_MIN_COSINE).
+    it agrees when both reach their gates (`metrics.stands_in`).
     A copy stops being run as soon as it cannot reach them (checked_images says how far it
     got); the first that agrees is what `mlflow.serving_format: auto` serves, so the slower
     ones are not run over the sample (their agreement keys None, checked_images 0).
@@ -513,21 +514,22 @@ def checked_fastest_first(made: dict[str, Path], pixels: np.ndarray, reference: 
         cosine = min_cosine(reference_features[:seen], features)
         checked[fmt].update(
             top1_agreement=agreement, features_min_cosine=cosine, checked_images=seen,
-            parity=agreed, agrees=(seen == len(pixels) and agreement >= QUANTISED_MIN_AGREEMENT
-                                   and cosine >= FEATURES_MIN_COSINE))
+            parity=agreed, agrees=seen == len(pixels) and stands_in(agreement, cosine))
     return checked
 
 
-def collect_probs(runners: dict, files: list[str], size: int, resize: str,
-                  batch_size: int) -> dict[str, np.ndarray]:
-    """Every runner's probabilities on the same decoded test pixels, one batch at a time."""
+def collect_answers(runners: dict, files: list[str], size: int, resize: str,
+                    batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every runner's (probabilities, pooled features) on the same decoded test pixels, one
+    batch at a time."""
     out: dict[str, list] = {name: [] for name in runners}
     for _good, pixels, bad in iter_batches(files, size, resize, batch_size):
         if bad:
             raise UserError(f"test image {files[bad[0][0]]} cannot be read: rerun prepare")
         for name, runner in runners.items():
-            out[name].append(runner(pixels))
-    return {k: np.concatenate(v) for k, v in out.items()}
+            out[name].append(runner.both(pixels))
+    return {k: tuple(np.concatenate(column) for column in zip(*v, strict=True))
+            for k, v in out.items()}
 
 
 def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
@@ -545,19 +547,20 @@ def bytes_agreement(saved_model, files: list[str], reference: np.ndarray,
 
 
 def recommend(formats: dict[str, dict], exact: list[str]) -> str:
-    """The format to deploy: of the exact ones and the quantised ones that keep
-    QUANTISED_MIN_AGREEMENT, the fastest when timed (export.measure), else the smallest:
-    size is what is known without timings, it is what a deployment downloads, and on CPUs
-    the quantised copies also run faster."""
+    """The format to deploy: of the exact ones and those whose check says they may stand in
+    for Keras (`agrees`: `metrics.stands_in`, the rule that decides what serves), the fastest
+    when timed (export.measure), else the smallest: size is what is known without timings,
+    it is what a deployment downloads, and on CPUs the quantised copies also run faster."""
     usable = exact + [n for n in formats if n not in exact and n not in ("keras", "saved_model")
-                      and (formats[n]["decided_top1_agreement"] or 0) >= QUANTISED_MIN_AGREEMENT]
+                      and formats[n].get("agrees")]
     if all("images_per_s" in formats[n] for n in usable):
         return max(usable, key=lambda n: formats[n]["images_per_s"])
     return min(usable, key=lambda n: formats[n]["size_mb"])
 
 
 def export_all(params: Params, keras_file: Path, classes: list[str], files: list[str],
-               saved_model: Path, keras_probs: np.ndarray, checks: dict[str, dict],
+               saved_model: Path, keras_answers: tuple[np.ndarray, np.ndarray],
+               checks: dict[str, dict],
                packaged: dict[str, Path] | None = None) -> dict:
     """models/export/ in one rename: every format with its size and its agreement with the
     Keras model (and with `export.measure`, its speed); returns the report.
@@ -568,8 +571,9 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     OpenVINO), shipped as they are; `checks`: package's check of each (and of the SavedModel,
     `saved_model`: `checked_saved_model`), on the check sample, reported as it is: a copy is
     not run again here. A TFLite variant converted here is checked on (up to
-    `export.parity_images` of) the test `files`, against `keras_probs` (package's Keras
-    probabilities on every test file, models/keras_test_probs.npz). TensorFlow is loaded
+    `export.parity_images` of) the test `files`, against `keras_answers` (package's Keras
+    probabilities and pooled features on every test file, models/keras_test_probs.npz), by
+    the gates that decide what serves (`metrics.stands_in`). TensorFlow is loaded
     only to convert such a variant or to time (export.measure)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, sample_pixels
 
@@ -577,7 +581,8 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
     # A check of the conversion, not of the data: a sample that does not grow with the test
     # split (evaluate measures the served format on all of it).
     chosen = evenly_spaced_indices(n_test, params.export.parity_images)
-    files, reference = [files[i] for i in chosen], keras_probs[chosen]
+    files = [files[i] for i in chosen]
+    reference, reference_features = (answers[chosen] for answers in keras_answers)
 
     size, resize = params.model.image_size, params.model.resize
     batch, measure = params.export.bench_batch_size, params.export.measure
@@ -602,7 +607,7 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         new = {f"tflite_{v}": load_runner(f"tflite_{v}", path) for v, path in converted.items()}
-        probs = collect_probs(new, files, size, resize, batch) if new else {}
+        answers = collect_answers(new, files, size, resize, batch) if new else {}
         sample = pixels_of(files[:8], size, resize) if measure else None
 
         def timed(runner) -> dict:  # every format timed on the same batch, or none
@@ -617,29 +622,38 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
             keras_timing = timed(Runner(
                 "keras_predict", lambda x: model.predict(x, batch_size=len(x), verbose=0), 0))
         formats["keras"] = {"size_mb": round(keras_file.stat().st_size / 1e6, 2),
-                            **keras_timing, "top1_agreement": 1.0, "max_abs_diff": 0.0}
+                            **keras_timing, "top1_agreement": 1.0, "max_abs_diff": 0.0,
+                            "agrees": True}
         # The SavedModel is the Keras graph itself, exact or broken everywhere: package
         # checked it as loaded back from disk, with its image-bytes signature.
         check = checks[SAVED_MODEL]
         formats[SAVED_MODEL] = {
             **{k: v for k, v in check.items() if not k.startswith("bytes_")},
             **(timed(saved_model_runner(staging / SAVED_MODEL, loaded)) if measure else {}),
-            "checked_on": "package"}
+            "checked_on": "package", "agrees": True}  # else package would have failed
         names = [f"tflite_{v}" for v in params.export.tflite] + [
             f for f in shipped if f.startswith("openvino")]
         for name in names:
             path = format_path(staging, name)
             if name in new:
                 runner = new[name]
-                agreement = {**parity(reference[:len(probs[name])], probs[name]),
-                             "checked_images": len(probs[name]), "checked_on": "test"}
+                probs, features = answers[name]
+                agreed = parity(reference, probs)
+                cosine = min_cosine(reference_features, features)
+                agreement = {**agreed, "features_min_cosine": cosine,
+                             "agrees": stands_in(agreed["decided_top1_agreement"], cosine),
+                             "checked_images": len(probs), "checked_on": "test"}
             else:  # loaded only to be timed
                 runner = load_runner(name, path) if measure else None
                 # None: not checked, since a faster copy agrees (checked_fastest_first).
-                agreement = ({**checks[name]["parity"], "checked_on": "package",
-                              "checked_images": checks[name]["checked_images"]}
-                             if checks[name]["parity"] else
+                candidate = checks[name]
+                agreement = ({**candidate["parity"], "checked_on": "package",
+                              "features_min_cosine": candidate["features_min_cosine"],
+                              "agrees": candidate["agrees"],
+                              "checked_images": candidate["checked_images"]}
+                             if candidate["parity"] else
                              {"top1_agreement": None, "decided_top1_agreement": None,
+                              "features_min_cosine": None, "agrees": None,
                               "checked_images": 0, "checked_on": None})
             formats[name] = {"size_mb": round(files_size(path) / 1e6, 2), **timed(runner),
                              **agreement}

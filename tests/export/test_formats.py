@@ -15,16 +15,23 @@ from imgclf.metrics import decided
 
 def test_recommended_is_the_fastest_that_agrees_when_timed_else_the_smallest():
     from imgclf.export.formats import recommend
+    from imgclf.metrics import stands_in
 
-    formats = {"saved_model": {"size_mb": 220, "top1_agreement": 1.0},
-               "tflite_dynamic": {"size_mb": 56, "decided_top1_agreement": 0.99},
-               "tflite_int8": {"size_mb": 57, "decided_top1_agreement": 0.90}}
+    formats = {"saved_model": {"size_mb": 220, "top1_agreement": 1.0, "agrees": True},
+               "tflite_dynamic": {"size_mb": 56, "agrees": stands_in(0.99, 0.9999)},
+               "tflite_int8": {"size_mb": 57, "agrees": stands_in(0.90, 0.9999)},
+               "openvino_int8": {"size_mb": 58, "agrees": stands_in(1.0, 0.990)},
+               "openvino": {"size_mb": 10, "agrees": None}}  # package did not check it
     assert recommend(formats, ["saved_model"]) == "tflite_dynamic"
-    formats["tflite_int8"]["size_mb"] = 30  # smaller, but below the agreement gate
-    assert recommend(formats, ["saved_model"]) == "tflite_dynamic"
-    timed = {n: {**f, "images_per_s": s} for (n, f), s in zip(formats.items(), (9, 5, 20),
+    # Smaller, each below one gate (top-1; the pooled features the status reads) or unchecked.
+    for name in ("tflite_int8", "openvino_int8", "openvino"):
+        formats[name]["size_mb"] = 30
+        assert recommend(formats, ["saved_model"]) == "tflite_dynamic"
+    timed = {n: {**f, "images_per_s": s} for (n, f), s in zip(formats.items(), (9, 5, 20, 30, 40),
                                                                    strict=True)}
     assert recommend(timed, ["saved_model"]) == "saved_model"
+    timed["tflite_dynamic"]["images_per_s"] = 10
+    assert recommend(timed, ["saved_model"]) == "tflite_dynamic"
 
 
 def test_candidates_are_checked_fastest_first_until_one_agrees(monkeypatch):
@@ -113,10 +120,18 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     export = trained_project / "models/export"
     variables = sum(f.stat().st_size for f in (export / "saved_model/variables").iterdir())
     assert variables < 1.2 * (export / "model_float32.tflite").stat().st_size
-    # The recommended format is the fastest of those that keep the agreement gate; a
-    # quantised format below it, or one package did not check, is never recommended.
-    usable = [n for n, f in formats.items()
-              if n != "keras" and (f["decided_top1_agreement"] or 0) >= 0.98]
+    # The recommended format is the fastest of those that pass the gates that decide what
+    # serves (decided top-1, the pooled features' cosine), by package's check or export's own;
+    # a copy below one, or one package did not check, is never recommended.
+    for name, fmt in formats.items():
+        if fmt.get("features_min_cosine") is not None:
+            assert fmt["agrees"] == (fmt["decided_top1_agreement"] >= 0.98
+                                     and fmt["features_min_cosine"] >= 0.999), name
+    candidates = json.loads((trained_project / "reports/package.json").read_text())["candidates"]
+    for name, candidate in candidates.items():
+        assert formats[name]["agrees"] == candidate["agrees"]
+    assert formats["tflite_int8"]["features_min_cosine"] is not None  # checked by export
+    usable = [n for n, f in formats.items() if n != "keras" and f["agrees"]]
     assert report["recommended"] == max(usable, key=lambda n: formats[n]["images_per_s"])
     assert report["speedup_vs_keras_predict"] == pytest.approx(
         formats[report["recommended"]]["images_per_s"] / formats["keras"]["images_per_s"],
@@ -144,7 +159,6 @@ def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
     assert len(sample_pixels) == min(256, len(val) + len(train))
     keras_model = load_keras_file(trained_project / "models/model.keras",
                                   trained_project / "data/prepared/classes.json", None, "crop")
-    candidates = json.loads((trained_project / "reports/package.json").read_text())["candidates"]
     assert any(c["checked_images"] for c in candidates.values())
     checks = [(name, "package", sample_pixels[:c["checked_images"]])
               for name, c in candidates.items() if c["checked_images"]]
