@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -297,6 +299,33 @@ def _variables_indexed() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def job_and_its_group(command: list[str], out) -> Iterator[subprocess.Popen]:
+    """`command` started in a session of its own (output to the file `out`, standard input a
+    pipe left open: openvino_job exits when it closes, so a parent that dies takes it along),
+    running while the caller's block runs. On leaving, waits for it (kills it if the block
+    raised), then kills whatever it left in its process group: libraries may fork helpers
+    that outlive it (OpenVINO's and NNCF's telemetry sends each event from a forked process,
+    which can hang without network, and the job ends with os._exit, skipping the cleanup
+    that would stop them), each holding a copy of its memory."""
+    job = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield job
+        # Ended but not reaped: until it is, no other process can take its id, so the group
+        # killed below is its own.
+        os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)
+    except BaseException:
+        job.kill()
+        raise
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            job.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+@contextlib.contextmanager
 def openvino_converting(keras_file: Path, variants: dict[str, Path],
                         calibration: tuple[int, int, str] | None = None) -> Iterator[None]:
     """`write_openvino(keras_file, variants, pixels)` in a child process
@@ -312,23 +341,11 @@ def openvino_converting(keras_file: Path, variants: dict[str, Path],
     source = "-" if calibration is None else ":".join(map(str, calibration))
     with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
         log = Path(tmp) / "log"
-        with open(log, "wb") as out:
-            # stdin stays open while the job runs: it exits when the pipe closes (this
-            # process died), see openvino_job.
-            job = subprocess.Popen(
+        with open(log, "wb") as out, job_and_its_group(
                 [sys.executable, "-m", "imgclf.export.openvino_job", str(keras_file), source,
-                 *(f"{v}={folder}" for v, folder in variants.items())],
-                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-            try:
-                yield
-                code = job.wait()
-            except BaseException:
-                job.kill()
-                job.wait()
-                raise
-            finally:
-                with contextlib.suppress(BrokenPipeError):
-                    job.stdin.close()
+                 *(f"{v}={folder}" for v, folder in variants.items())], out) as job:
+            yield
+        code = job.returncode
         if code != 0:
             raise RuntimeError(f"OpenVINO conversion failed (exit code {code}):\n"
                                + log.read_text(errors="replace")[-3000:])

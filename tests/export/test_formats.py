@@ -86,6 +86,40 @@ def test_an_openvino_conversion_that_fails_stops_the_stage_with_its_error(tmp_pa
     assert not out.exists()
 
 
+def test_a_job_leaves_no_process_of_its_own_behind(tmp_path):
+    import sys
+    import time
+
+    from imgclf.export.formats import job_and_its_group
+
+    # A helper the job forked and left running (as OpenVINO's telemetry does, whose forks
+    # may hang for good): it ends with the job instead of holding a copy of its memory.
+    marker = f"{time.time() % 1000 + 1000:.4f}"
+    forks = f"import subprocess; subprocess.Popen(['sleep', '{marker}'])"
+
+    def left() -> list[Path]:
+        def command(proc: Path) -> bytes:
+            try:
+                return (proc / "cmdline").read_bytes()
+            except OSError:  # ended meanwhile
+                return b""
+
+        return [proc for proc in Path("/proc").iterdir() if proc.name.isdigit()
+                and command(proc) == f"sleep\0{marker}\0".encode()]
+
+    with open(tmp_path / "log", "wb") as out, \
+            job_and_its_group([sys.executable, "-c", forks], out) as job:
+        deadline = time.monotonic() + 30
+        while not left() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left()  # the helper runs while the job does
+    assert job.returncode == 0
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left()
+
+
 def test_the_openvino_job_exits_when_its_parent_is_gone(tiny_classifier, tmp_path):
     import subprocess
     import sys
