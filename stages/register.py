@@ -2,8 +2,8 @@
 
 Reads params sections mlflow (model_name, serving_format), model (image_size, resize),
 prepare.max_pixels, and what `train` and `package` wrote. Logs models/model.keras as an
-MLflow pyfunc over image files, with the package stage's TFLite serving copy when it serves
-(`mlflow.serving_format: auto` and it agrees with Keras) and the selective stage's scores
+MLflow pyfunc over image files, with the package stage's copy it serves with (TFLite or
+OpenVINO: `mlflow.serving_format: auto`, the fastest that agrees) and the selective stage's scores
 and thresholds (the status per image), registers it as a new version of
 `mlflow.model_name` with its model card, and writes reports/register.json. Its own stage so
 that renaming the model, the serving format or the serving code registers again without
