@@ -46,17 +46,20 @@ def exits_cleanly(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def finish() -> None:
-    """End the process as the interpreter's own exit does (threads joined, atexit handlers
-    run: MLflow's, logging's; output flushed), without then tearing down every module and
-    object one at a time: after TensorFlow and a loaded network that teardown takes seconds
-    and writes nothing (every output is already closed and renamed into place)."""
+def finish(code: int = 0) -> None:
+    """End the process with exit status `code` as the interpreter's own exit does (threads
+    joined, atexit handlers run: MLflow's, logging's, multiprocessing's; output flushed),
+    without then tearing down every module and object one at a time: after TensorFlow and a
+    loaded network that teardown takes seconds and writes nothing (every output is already
+    closed and renamed into place)."""
     import atexit
     import os
     import threading
 
-    threading._shutdown()  # type: ignore[attr-defined]  # what exit does first
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # what exit does first
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)

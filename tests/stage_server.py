@@ -24,7 +24,7 @@ from pathlib import Path
 IMPORT_TIME_PREFIXES = ("TF_", "KERAS_", "CUDA_", "OMP_", "PYTHON", "XLA_", "LD_")
 
 SERVER = r"""
-import atexit, json, os, runpy, sys, threading, traceback
+import json, os, runpy, sys, threading, traceback
 import imgclf  # its environment defaults and the quiet TensorFlow import, as a stage has
 import tensorflow, keras, mlflow  # noqa: F401  the imports every child inherits
 
@@ -56,13 +56,9 @@ def run(request):
     except BaseException:
         traceback.print_exc()
         code = 1
-    try:  # what interpreter shutdown does: wait for threads, run atexit, flush
-        threading._shutdown()
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+    from imgclf.errors import finish  # the interpreter's exit, as a stage that returns ends
+
+    finish(code)
 
 replies = os.fdopen(int(sys.argv[1]), "w", buffering=1)
 replies.write(json.dumps({"ready": threading.active_count()}) + "\n")
