@@ -163,34 +163,34 @@ def write_saved_model(model, classes: list[str], size: int, resize: str, path: P
 
 
 def load_saved_model(folder: Path):
-    """The SavedModel in `folder` loaded, to convert from: every copy converted in one
-    process reads this one load (each converter given a path would load the 54M weights
-    again)."""
+    """The SavedModel in `folder` loaded: its signatures, to run them."""
     import tensorflow as tf
 
     return tf.saved_model.load(str(folder))
 
 
 def write_tflite(saved_model: Path, variants: dict[str, Path],
-                 calibration: np.ndarray | None = None, loaded=None) -> None:
+                 calibration: np.ndarray | None = None) -> None:
     """Each TFLite variant ({variant: path}) of the pixels signature of the SavedModel at
-    `saved_model` (`loaded`: that SavedModel as `load_saved_model` returned it, if the
-    caller holds it: then it is not loaded again). `calibration`: float pixels of training
-    images, for `int8` (full-integer weights and activations; float pixels in and
-    probabilities out, so every runner feeds it alike)."""
+    `saved_model`, converted from the folder on disk without loading it in Python.
+    `calibration`: float pixels of training images, for `int8` (full-integer weights and
+    activations; float pixels in and probabilities out, so every runner feeds it alike)."""
     if not variants:
         return
+    if not (saved_model / "saved_model.pb").is_file():
+        # The converter would take it for a frozen graph and fail on a missing argument.
+        raise FileNotFoundError(f"no SavedModel at {saved_model}")
     import tensorflow as tf
     from tensorflow.lite.python import lite
 
-    loaded = load_saved_model(saved_model) if loaded is None else loaded
+    debug_info = _debug_info_only(saved_model)
     for variant, path in variants.items():
         # Converted from the folder on disk, not from the loaded signature: given a
         # concrete function, the public converter first saves the SavedModel again into a
         # temporary folder and loads that back, and `from_saved_model` loads it twice more
         # only to list its signatures; this is the converter both of them end in.
         converter = lite.TFLiteSavedModelConverterV2(
-            str(saved_model), {tf.saved_model.SERVING}, ["predict_pixels"], loaded)
+            str(saved_model), {tf.saved_model.SERVING}, ["predict_pixels"], debug_info)
         converter.optimizations = ([tf.lite.Optimize.DEFAULT]
                                    if variant in ("dynamic", "float16", "int8") else [])
         converter.target_spec.supported_types = [tf.float16] if variant == "float16" else []
@@ -201,17 +201,32 @@ def write_tflite(saved_model: Path, variants: dict[str, Path],
             converter.representative_dataset = lambda: ([calibration[i:i + 1]]
                                                          for i in range(len(calibration)))
             converter.target_spec.supported_ops = {tf.lite.OpsSet.TFLITE_BUILTINS_INT8}
-        with _held_saved_model(lite, loaded):
+        with _loads_answered_by(lite, debug_info):
             path.write_bytes(converter.convert())
 
 
+def _debug_info_only(saved_model: Path):
+    """What the TFLite converter reads from a loaded SavedModel: its debug info (the source
+    lines its error messages quote), from the folder when the save kept it, else none. The
+    conversion itself reads the folder in C++: a Python load of the SavedModel (every
+    function, every weight) would give it nothing more."""
+    import types
+
+    from tensorflow.core.framework import graph_debug_info_pb2
+
+    info = graph_debug_info_pb2.GraphDebugInfo()
+    kept = saved_model / "debug" / "saved_model_debug_info.pb"
+    if kept.is_file():
+        info.ParseFromString(kept.read_bytes())
+    return types.SimpleNamespace(graph_debug_info=info)
+
+
 @contextlib.contextmanager
-def _held_saved_model(lite, loaded) -> Iterator[None]:
-    """The converter's own load of the SavedModel answered with the one already held: it
-    loads the whole SavedModel (every function, every weight) only to read the debug info
-    its error messages quote, which the held object carries as well."""
+def _loads_answered_by(lite, stand_in) -> Iterator[None]:
+    """The converter's own load of the SavedModel answered with `stand_in`
+    (`_debug_info_only`): it loads the whole SavedModel only to read its debug info."""
     load = lite._load
-    lite._load = lambda *_args, **_kwargs: loaded
+    lite._load = lambda *_args, **_kwargs: stand_in
     try:
         yield
     finally:
@@ -431,9 +446,9 @@ def package(params: Params, classes: list[str],
     SavedModel (`checked_saved_model`), and those same images check `trained` itself
     (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
     started first and reading the Keras file, while this one loads the model, writes the
-    SavedModel, converts the TFLite copy and checks the SavedModel, then runs
-    `meanwhile(forward)` (the caller's other work with the traced graph). Returns
-    (candidates by format, the SavedModel's check)."""
+    SavedModel, converts the TFLite copy from its folder and checks the SavedModel as loaded
+    back, then runs `meanwhile(forward)` (the caller's other work with the traced graph).
+    Returns (candidates by format, the SavedModel's check)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest
     from imgclf.serving.runners import CHUNK
 
@@ -469,13 +484,11 @@ def package(params: Params, classes: list[str],
             exact_probs, exact_features = forward(pixels[exact])
             check_trained_answers(exact_probs, exact_features, reference[exact],
                                   reference_features[exact])
-            loaded = load_saved_model(saved_model)  # converted from and checked once
             with io.replacing(paths.SERVING_COPY) as tmp:
-                write_tflite(saved_model, {"dynamic": tmp}, loaded=loaded)
-            saved_model_check = checked_saved_model(loaded, saved_model,
+                write_tflite(saved_model, {"dynamic": tmp})
+            saved_model_check = checked_saved_model(load_saved_model(saved_model), saved_model,
                                                     [files[i] for i in exact], pixels[exact],
                                                     exact_probs)
-            del loaded
             meanwhile(forward)
         # Timed once the job has ended, so that nothing else shares the CPU.
         made = {"tflite_dynamic": paths.SERVING_COPY,
@@ -616,11 +629,9 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
                 shutil.copyfile(source, format_path(staging, fmt))
         converted = {v: staging / tflite_name(v) for v in params.export.tflite
                      if f"tflite_{v}" not in shipped}
-        loaded = (load_saved_model(staging / SAVED_MODEL)  # converted from, timed
-                  if converted or measure else None)
         write_tflite(staging / SAVED_MODEL, converted,
                      sample_pixels("train", params.export.calibration_images, size, resize)
-                     if "int8" in converted else None, loaded=loaded)
+                     if "int8" in converted else None)
         (staging / LABELS).write_text("\n".join(classes) + "\n", encoding="utf-8")
 
         new = {f"tflite_{v}": load_runner(f"tflite_{v}", path) for v, path in converted.items()}
@@ -646,7 +657,7 @@ def export_all(params: Params, keras_file: Path, classes: list[str], files: list
         check = checks[SAVED_MODEL]
         formats[SAVED_MODEL] = {
             **{k: v for k, v in check.items() if not k.startswith("bytes_")},
-            **(timed(saved_model_runner(staging / SAVED_MODEL, loaded)) if measure else {}),
+            **(timed(saved_model_runner(staging / SAVED_MODEL)) if measure else {}),
             "checked_on": "package", "agrees": True}  # else package would have failed
         names = [f"tflite_{v}" for v in params.export.tflite] + [
             f for f in shipped if f.startswith("openvino")]
