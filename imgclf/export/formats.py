@@ -169,6 +169,26 @@ def load_saved_model(folder: Path):
     return tf.saved_model.load(str(folder))
 
 
+@contextlib.contextmanager
+def graph_optimizer_off() -> Iterator[None]:
+    """TensorFlow's graph optimiser (Grappler) off for the functions first called in the
+    block: each is run as traced. The optimiser rewrites a graph for speed, not for what it
+    computes, and rewriting the 54M-weight network costs seconds at each function's first
+    call, more than a batch or two take to run unrewritten. The options in force before the
+    block are put back after it, but a function called before it is rewritten again at its
+    next call (TensorFlow keys a function's graphs by the options): call no such function
+    after the block."""
+    import tensorflow as tf
+
+    before = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options(
+            {"disable_meta_optimizer": False, **before})
+
+
 def write_tflite(saved_model: Path, variants: dict[str, Path],
                  calibration: np.ndarray | None = None) -> None:
     """Each TFLite variant ({variant: path}) of the pixels signature of the SavedModel at
@@ -446,9 +466,10 @@ def package(params: Params, classes: list[str],
     SavedModel (`checked_saved_model`), and those same images check `trained` itself
     (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
     started first and reading the Keras file, while this one loads the model, writes the
-    SavedModel, converts the TFLite copy from its folder and checks the SavedModel as loaded
-    back, then runs `meanwhile(forward)` (the caller's other work with the traced graph).
-    Returns (candidates by format, the SavedModel's check)."""
+    SavedModel, converts the TFLite copy from its folder, runs `meanwhile(forward)` (the
+    caller's other work with the traced graph), then checks the SavedModel as loaded back
+    (its signatures run as traced, `graph_optimizer_off`). Returns (candidates by format,
+    the SavedModel's check)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest
     from imgclf.serving.runners import CHUNK
 
@@ -486,10 +507,14 @@ def package(params: Params, classes: list[str],
                                   reference_features[exact])
             with io.replacing(paths.SERVING_COPY) as tmp:
                 write_tflite(saved_model, {"dynamic": tmp})
-            saved_model_check = checked_saved_model(load_saved_model(saved_model), saved_model,
-                                                    [files[i] for i in exact], pixels[exact],
-                                                    exact_probs)
             meanwhile(forward)
+            # Each signature runs once, on one batch: TensorFlow's graph optimiser would take
+            # longer to rewrite the network for it than the batch takes to run unrewritten.
+            # Last of this process's TensorFlow work (graph_optimizer_off says why).
+            with graph_optimizer_off():
+                saved_model_check = checked_saved_model(
+                    load_saved_model(saved_model), saved_model, [files[i] for i in exact],
+                    pixels[exact], exact_probs)
         # Timed once the job has ended, so that nothing else shares the CPU.
         made = {"tflite_dynamic": paths.SERVING_COPY,
                 **{fmt: staging / variant for fmt, variant in openvino.items()}}

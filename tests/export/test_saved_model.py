@@ -6,6 +6,7 @@ import io
 import re
 
 import numpy as np
+import pytest
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -79,3 +80,24 @@ def test_openvino_reads_the_traced_network_the_same_through_the_variables_index(
 
     assert TFGraphNodeDecoder.__dict__["get_variable"].__func__.__module__ == (
         "openvino.frontend.tensorflow.node_decoder")
+
+
+def test_the_saved_model_is_checked_as_traced_and_the_graph_optimiser_is_put_back(
+        tiny_classifier, tmp_path):
+    import tensorflow as tf
+
+    from imgclf.export import formats
+
+    formats.write_saved_model(tiny_classifier, ["a", "b"], 8, "pad", tmp_path / "saved_model")
+    pixels = np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+    before = tf.config.optimizer.get_experimental_options()
+    with pytest.raises(RuntimeError, match="the check failed"), formats.graph_optimizer_off():
+        assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"]
+        # What package's check reads: Keras's answers, the graph run as traced.
+        loaded = formats.load_saved_model(tmp_path / "saved_model")
+        probs = loaded.signatures["predict_pixels"](pixels=tf.constant(pixels))["probabilities"]
+        np.testing.assert_allclose(probs.numpy(), tiny_classifier.predict(pixels, verbose=0),
+                                   atol=1e-5)
+        raise RuntimeError("the check failed")
+    # Even after a failed check: every TensorFlow function called later is optimised.
+    assert tf.config.optimizer.get_experimental_options() == before
