@@ -40,23 +40,7 @@ def main() -> None:
                                                   trained.weights_digest))
     PackageReport(weights_digest=trained.weights_digest, candidates=candidates,
                   saved_model=saved_model_check).write()
-    counted = saved_model_check["bytes_signature_images_counted"]
-    by_bytes = (f"its image-bytes signature agrees on "
-                f"{saved_model_check['bytes_signature_top1_agreement']:.1%} of {counted} images"
-                if counted else "its image-bytes signature not compared: Keras calls every "
-                "image checked a close call")
-    print(f"package: {paths.SAVED_MODEL_DIR} (as loaded back: Keras's answers, max difference "
-          f"{saved_model_check['max_abs_diff']:.1e}; {by_bytes}), "
-          f"{paths.KERAS_TEST_PROBS}, serving candidates (against Keras on its check sample: "
-          "images/s, decided top-1 agreement, smallest cosine of the pooled features):")
-    for fmt, c in candidates.items():  # fastest first
-        found = (f"{c['top1_agreement']:.1%} of {c['checked_images']}  cosine "
-                 f"{c['features_min_cosine']:.5f}" if c["checked_images"]
-                 else "not checked: a faster copy agrees")
-        gate = "  (below a gate: auto never serves it)" if c["agrees"] is False else ""
-        engine = f"  computes in {c['precision']}" if c["precision"] else ""
-        print(f"  {fmt:<15}{c['size_mb']:>8.1f} MB {c['images_per_s']:>7.1f} img/s  "
-              f"{found}{engine}{gate}")
+    print(formats.package_summary(saved_model_check, candidates))
 
 
 if __name__ == "__main__":

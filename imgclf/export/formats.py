@@ -522,6 +522,29 @@ def package(params: Params, classes: list[str],
     return candidates, saved_model_check
 
 
+def package_summary(saved_model_check: dict, candidates: dict[str, dict]) -> str:
+    """What the package stage prints: the SavedModel's check (`checked_saved_model`) and
+    each serving candidate (`checked_fastest_first`, fastest first)."""
+    counted = saved_model_check["bytes_signature_images_counted"]
+    by_bytes = (f"agrees on {saved_model_check['bytes_signature_top1_agreement']:.1%} of "
+                f"{counted} images" if counted
+                else "not compared: Keras calls every image checked a close call")
+    lines = [f"package: {paths.SAVED_MODEL_DIR} (as loaded back: Keras's answers, max "
+             f"difference {saved_model_check['max_abs_diff']:.1e}; its image-bytes signature "
+             f"{by_bytes}), {paths.KERAS_TEST_PROBS}, serving candidates (against Keras on "
+             "its check sample: images/s, decided top-1 agreement, smallest cosine of the "
+             "pooled features):"]
+    for fmt, c in candidates.items():
+        found = (f"{c['top1_agreement']:.1%} of {c['checked_images']}  cosine "
+                 f"{c['features_min_cosine']:.5f}" if c["checked_images"]
+                 else "not checked: a faster copy agrees")
+        gate = "  (below a gate: auto never serves it)" if c["agrees"] is False else ""
+        engine = f"  computes in {c['precision']}" if c["precision"] else ""
+        lines.append(f"  {fmt:<15}{c['size_mb']:>8.1f} MB {c['images_per_s']:>7.1f} img/s  "
+                     f"{found}{engine}{gate}")
+    return "\n".join(lines)
+
+
 def checked_fastest_first(made: dict[str, Path], pixels: np.ndarray, reference: np.ndarray,
                           reference_features: np.ndarray) -> dict[str, dict]:
     """Each copy in `made` ({format: path}) timed on the same TIMING_IMAGES of `pixels`

@@ -427,3 +427,20 @@ def test_package_checks_copies_on_stored_answers_and_refuses_another_trainings(
         check_trained_answers(probs, features, np.roll(probs, 1, axis=1), features)
     with pytest.raises(UserError, match="smallest cosine"):
         check_trained_answers(probs, features, probs, -features)
+
+
+def test_package_says_what_its_image_bytes_check_compared():
+    from imgclf.export.formats import package_summary
+
+    check = {"max_abs_diff": 0.0, "bytes_signature_top1_agreement": 1.0,
+             "bytes_signature_images_counted": 0}
+    candidate = {"size_mb": 55.3, "images_per_s": 120.0, "top1_agreement": 0.99,
+                 "checked_images": 256, "features_min_cosine": 0.9995, "agrees": True,
+                 "precision": None}
+    # A random-init model: every image a close call, so nothing was compared.
+    header, line = package_summary(check, {"tflite_dynamic": candidate}).splitlines()
+    assert "image-bytes signature not compared" in header and "agrees on" not in header
+    assert line.split() == ["tflite_dynamic", "55.3", "MB", "120.0", "img/s", "99.0%", "of",
+                            "256", "cosine", "0.99950"]
+    check.update(bytes_signature_top1_agreement=0.9, bytes_signature_images_counted=10)
+    assert "image-bytes signature agrees on 90.0% of 10 images" in package_summary(check, {})
