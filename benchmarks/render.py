@@ -138,7 +138,9 @@ def _pipeline_at(pipeline: dict) -> list[str]:
              f"{pipeline['classes']} classes, {pipeline['photo']} photos)", "",
              (timed
               + (f" (the fastest of {pipeline['runs_per_size']} runs, each in a fresh "
-                 "repository)" if pipeline.get("runs_per_size", 1) > 1 else "")
+                 "repository" + (", the sizes taking turns" if pipeline.get("sizes_interleaved")
+                                 else "") + ")"
+                 if pipeline.get("runs_per_size", 1) > 1 else "")
               + ", its fixed part (the line through both sizes, at zero images: what the "
               f"stage costs before its first image) and its peak memory ({peak}), at each "
               "dataset size:"), "",

@@ -564,27 +564,30 @@ def bench_pipeline_cost(work: Path, args) -> dict:
     size = args.step_size
     sets = {"model.image_size": size, "model.weights": None,
             "train.early_stopping_patience": 0}
-    runs = {}
-    for images in args.pipeline_images:
-        # The whole pipeline `--pipeline-repeats` times, each in a fresh repository (a rerun
-        # in place would reuse stored features and registered versions): each stage's
-        # fastest run counts. On a shared machine a stage sometimes stalls for tens of
-        # seconds, as much as the slope between the two sizes it is measured by.
-        stages = {}
-        for repeat in range(args.pipeline_repeats):
+    # The whole pipeline `--pipeline-repeats` times at each size, each in a fresh repository
+    # (a rerun in place would reuse stored features and registered versions): each stage's
+    # fastest run counts. On a shared machine a stage sometimes stalls for tens of seconds,
+    # and a slow phase can last minutes: each repeat runs every size in turn, so that such a
+    # phase slows both sizes' runs alike instead of tilting the line between them (the fixed
+    # part is its value at zero images: a slope off by a little moves it by a lot).
+    best: dict[int, dict[str, dict]] = {images: {} for images in args.pipeline_images}
+    repos: dict[int, Path] = {}
+    for repeat in range(args.pipeline_repeats):
+        for images in args.pipeline_images:
             folder = work / f"cost-{repeat}"
-            repo = _photo_repo(folder, images)
+            repo = repos[images] = _photo_repo(folder, images)
             _write_params(repo, **sets)
             for stage, ran in _pipeline_run(repo, folder).items():
-                best = stages.setdefault(stage, dict(ran))
-                best.update(seconds=min(best["seconds"], ran["seconds"]),
-                            peak_rss_mb=max(best["peak_rss_mb"], ran["peak_rss_mb"]))
+                kept = best[images].setdefault(stage, dict(ran))
+                kept.update(seconds=min(kept["seconds"], ran["seconds"]),
+                            peak_rss_mb=max(kept["peak_rss_mb"], ran["peak_rss_mb"]))
+    runs = {}
+    for images, stages in best.items():
         stages = {k: {"seconds": round(v["seconds"], 1), "peak_rss_mb": round(v["peak_rss_mb"])}
                   for k, v in stages.items()}
-        runs[images] = {"repo": repo, "stages": stages,
+        runs[images] = {"repo": repos[images], "stages": stages,
                         "pipeline_seconds": sum(s["seconds"] for s in stages.values()),
-                        "features_mb": _dir_mb(repo / "data/features")}
-    repos = {n: r["repo"] for n, r in runs.items()}
+                        "features_mb": _dir_mb(repos[images] / "data/features")}
     # The forward passes every ratio divides by, measured at three moments of the run (here,
     # after the experiment, at the end), the fastest of the three kept: a slow phase of a
     # shared machine can last minutes, long enough to take three passes in a row.
@@ -640,7 +643,7 @@ def bench_pipeline_cost(work: Path, args) -> dict:
             for n, f in export["formats"].items()}},
         f"pipeline_{size}": {
             "image_size": size, "images": [small, large], "classes": 8,
-            "runs_per_size": args.pipeline_repeats,
+            "runs_per_size": args.pipeline_repeats, "sizes_interleaved": True,
             "timed_with": "dvc repro",  # one run of the whole pipeline (_pipeline_run)
             "photo": "400x300 JPEG", "epochs": "params.yaml defaults, no early stop",
             "seconds_by_stage": {n: {k: v["seconds"] for k, v in r["stages"].items()}
