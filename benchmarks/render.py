@@ -134,13 +134,12 @@ def _pipeline_at(pipeline: dict) -> list[str]:
     small, large = pipeline["images"]
     sizes = [str(small), str(large)]
     timed, peak = _STAGE_TIMING[pipeline.get("timed_with")]
+    turns = ", the sizes taking turns" if pipeline.get("sizes_interleaved") else ""
     lines = ["", f"## The pipeline's cost, stage by stage ({pipeline['image_size']} px, "
              f"{pipeline['classes']} classes, {pipeline['photo']} photos)", "",
              (timed
               + (f" (the fastest of {pipeline['runs_per_size']} runs, each in a fresh "
-                 "repository" + (", the sizes taking turns" if pipeline.get("sizes_interleaved")
-                                 else "") + ")"
-                 if pipeline.get("runs_per_size", 1) > 1 else "")
+                 f"repository{turns})" if pipeline.get("runs_per_size", 1) > 1 else "")
               + ", its fixed part (the line through both sizes, at zero images: what the "
               f"stage costs before its first image) and its peak memory ({peak}), at each "
               "dataset size:"), "",
