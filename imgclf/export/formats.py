@@ -120,20 +120,22 @@ def traced_pixels(model):
         tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]).get_concrete_function()
 
 
-def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path):
+def write_saved_model(model, classes: list[str], size: int, resize: str, path: Path,
+                      traced=None):
     """The SavedModel of `model` at `path`: `serving_default` (image bytes in) and
-    `predict_pixels` (float pixels 0-255 in, what `write_tflite` converts). Returns the
-    pixels signature's traced function as a Forward (batch -> probabilities, pooled
-    features): the Keras model's own graph, already traced for the export, so a caller
-    that also runs the model in this process pays no second trace."""
+    `predict_pixels` (float pixels 0-255 in, what `write_tflite` converts), both calling
+    `traced` (`traced_pixels(model)`, traced here when not given). Returns the pixels
+    signature's traced function as a Forward (batch -> probabilities, pooled features): the
+    Keras model's own graph, already traced for the export, so a caller that also runs the
+    model in this process pays no second trace."""
     import tensorflow as tf
 
     class_names = tf.constant(classes)
-    # The network traced once, here, and both signatures call this trace. The save is given
-    # traced functions only: a tf.function it holds (what keras.export.ExportArchive
-    # stores) is traced again inside the save, TensorFlow keying its traces by the context
-    # they are made in, and the 54M-weight graph stored twice.
-    predict_pixels = traced_pixels(model)
+    # The network traced once and both signatures call this trace. The save is given traced
+    # functions only: a tf.function it holds (what keras.export.ExportArchive stores) is
+    # traced again inside the save, TensorFlow keying its traces by the context they are
+    # made in, and the 54M-weight graph stored twice.
+    predict_pixels = traced_pixels(model) if traced is None else traced
 
     def decode(data):
         return _tf_fit_to_square(_tf_decode_rgb(data), size, resize)
@@ -253,41 +255,45 @@ def _loads_answered_by(lite, stand_in) -> Iterator[None]:
         lite._load = load
 
 
-def write_openvino(keras_file: Path, variants: dict[str, Path],
-                   calibration: np.ndarray | None = None) -> None:
-    """OpenVINO IR folders ({variant: folder}, each model.xml + model.bin) of the Keras model
-    at `keras_file`, traced as the SavedModel's pixels signature (`traced_pixels`: the
-    image-bytes one takes strings, which OpenVINO does not run): `float` keeps float32
-    weights (OpenVINO computes in bf16 by itself where the CPU has it), `int8` quantises
-    weights and activations with NNCF's post-training quantisation, calibrated on
-    `calibration` (float pixels of training images). In the order given, each folder
-    renamed into place once whole."""
-    if not variants:
-        return
-    import keras
+def write_openvino_float(traced, folder: Path) -> None:
+    """The OpenVINO IR (model.xml + model.bin) of `traced` (the network traced as the
+    SavedModel's pixels signature, `traced_pixels`: the image-bytes one takes strings, which
+    OpenVINO does not run) in `folder`, float32 weights (OpenVINO computes in bf16 by itself
+    where the CPU has it), the folder renamed into place once whole."""
     import openvino as ov
 
-    # Both held until the copies are written: OpenVINO's model shares the weights' memory
-    # with the network's variables, it holds no copy of them.
-    network = keras.models.load_model(keras_file, safe_mode=True)
-    traced = traced_pixels(network)
     with _variables_indexed():
         model = ov.convert_model(traced)
-    for variant, folder in variants.items():
-        # Each folder appears whole, in one rename: a reader may take the copies done so far
-        # while the next one converts.
-        partial = folder.with_name(folder.name + ".partial")
-        partial.mkdir(parents=True)
-        if variant == "int8":
-            import nncf
+    # Saved while `traced` is held: the converted model shares the weights' memory with the
+    # network's variables, it holds no copy of them.
+    with _whole_folder(folder) as partial:
+        ov.save_model(model, str(partial / OPENVINO_XML), compress_to_fp16=False)
 
-            # One image a sample: NNCF's subset_size counts samples, so it counts images.
-            dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-            quantised = nncf.quantize(model, dataset, subset_size=len(calibration))
-            ov.save_model(quantised, str(partial / OPENVINO_XML))
-        else:
-            ov.save_model(model, str(partial / OPENVINO_XML), compress_to_fp16=False)
-        partial.rename(folder)
+
+def write_openvino_int8(float_xml: Path, folder: Path, calibration: np.ndarray) -> None:
+    """The OpenVINO float IR at `float_xml` (`write_openvino_float`) quantised, weights and
+    activations, by NNCF's post-training quantisation calibrated on `calibration` (float
+    pixels of training images), in `folder`, renamed into place once whole. OpenVINO and
+    NNCF only, no TensorFlow: what package's int8 job runs (`openvino_int8_quantising`)."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(float_xml))
+    # One image a sample: NNCF's subset_size counts samples, so it counts images.
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    quantised = nncf.quantize(model, dataset, subset_size=len(calibration))
+    with _whole_folder(folder) as partial:
+        ov.save_model(quantised, str(partial / OPENVINO_XML))
+
+
+@contextlib.contextmanager
+def _whole_folder(folder: Path) -> Iterator[Path]:
+    """A `.partial` sibling of `folder` to write into, renamed to `folder` once the block
+    ends: a reader never takes a half-written IR for a whole one."""
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True)
+    yield partial
+    partial.rename(folder)
 
 
 @contextlib.contextmanager
@@ -336,7 +342,8 @@ def _variables_indexed() -> Iterator[None]:
 @contextlib.contextmanager
 def job_and_its_group(command: list[str], out) -> Iterator[subprocess.Popen]:
     """`command` started in a session of its own (output to the file `out`, standard input a
-    pipe left open: openvino_job exits when it closes, so a parent that dies takes it along),
+    pipe left open: a conversion job exits when it closes (`job.run`), so a parent that
+    dies takes it along),
     running while the caller's block runs. On leaving, waits for it (kills it if the block
     raised), then kills whatever it left in its process group: libraries may fork helpers
     that outlive it (OpenVINO's and NNCF's telemetry sends each event from a forked process,
@@ -361,29 +368,63 @@ def job_and_its_group(command: list[str], out) -> Iterator[subprocess.Popen]:
 
 
 @contextlib.contextmanager
-def openvino_converting(keras_file: Path, variants: dict[str, Path],
-                        calibration: tuple[int, int, str] | None = None) -> Iterator[None]:
-    """`write_openvino(keras_file, variants, pixels)` in a child process
-    (`imgclf.export.openvino_job`), started at once, while the caller's block runs; the
-    job decodes the calibration pixels itself, `calibration` = (count of training images,
-    image size, resize mode). On leaving the block, waits for it and raises its error if
-    it failed; an error in the block kills it. The converters (TFLite's, OpenVINO's,
-    NNCF's statistics) are mostly single-threaded: the caller writes the SavedModel and
-    converts the TFLite copy meanwhile instead of before or after it."""
-    if not variants:
-        yield
-        return
-    source = "-" if calibration is None else ":".join(map(str, calibration))
-    with tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as tmp:
+def _conversion_job(what: str, command: list[str]) -> Iterator[subprocess.Popen]:
+    """`command` (a conversion job: `openvino_job`, `tflite_job`) run while the caller's
+    block runs (`job_and_its_group`), its output kept aside; on leaving the block, raises
+    its error, the end of its output, if it failed."""
+    with tempfile.TemporaryDirectory(prefix="imgclf-job-") as tmp:
         log = Path(tmp) / "log"
-        with open(log, "wb") as out, job_and_its_group(
-                [sys.executable, "-m", "imgclf.export.openvino_job", str(keras_file), source,
-                 *(f"{v}={folder}" for v, folder in variants.items())], out) as job:
-            yield
-        code = job.returncode
-        if code != 0:
-            raise RuntimeError(f"OpenVINO conversion failed (exit code {code}):\n"
+        with open(log, "wb") as out, job_and_its_group(command, out) as job:
+            yield job
+        if job.returncode != 0:
+            raise RuntimeError(f"{what} conversion failed (exit code {job.returncode}):\n"
                                + log.read_text(errors="replace")[-3000:])
+
+
+@contextlib.contextmanager
+def _job_started_later(what: str, command: list[str]) -> Iterator[Callable[[], None]]:
+    """`command` (a conversion job that loads its libraries, then waits for one line on its
+    standard input before it reads its input: `job.wait_for_input`) started at once, while
+    the caller's block runs; the block is given `start`, to call once the job's input is
+    whole, and must call it. On leaving the block, waits for the job and raises its error
+    if it failed; an error in the block kills it."""
+    started = []
+    with _conversion_job(what, command) as job:
+        def start() -> None:
+            started.append(True)
+            # A job that already failed (its libraries, its images) has closed the pipe: its
+            # own error is raised on leaving the block, not this one.
+            with contextlib.suppress(BrokenPipeError):
+                job.stdin.write(b"go\n")
+                job.stdin.flush()
+
+        yield start
+        if not started:
+            raise RuntimeError(f"the {what} job was never started")
+
+
+def openvino_int8_quantising(float_xml: Path, folder: Path,
+                             calibration: tuple[int, int, str]):
+    """`write_openvino_int8(float_xml, folder, pixels)` in a child process
+    (`imgclf.export.openvino_job`: OpenVINO and NNCF, no TensorFlow, no Keras model), as
+    `_job_started_later`: it decodes its calibration pixels (`calibration` = count of
+    training images, image size, resize mode) while it waits for `start`, to be called
+    once the float IR is written. NNCF's statistics are mostly single-threaded: the caller
+    writes the SavedModel and runs its checks meanwhile instead of before or after the
+    quantisation."""
+    return _job_started_later("OpenVINO int8", [
+        sys.executable, "-m", "imgclf.export.openvino_job", str(float_xml),
+        ":".join(map(str, calibration)), str(folder)])
+
+
+def tflite_converting(saved_model: Path, out: Path):
+    """`write_tflite(saved_model, {"dynamic": out})` in a child process
+    (`imgclf.export.tflite_job`), as `_job_started_later`: it imports TensorFlow while the
+    caller writes the SavedModel, and converts once `start` says the folder is whole. The
+    converter is single-threaded and holds Python's global lock for most of its run: in a
+    thread it would stall the caller's work, in a process it runs beside it."""
+    return _job_started_later("TFLite", [sys.executable, "-m", "imgclf.export.tflite_job",
+                                         str(saved_model), str(out)])
 
 
 SERVING_SAMPLE = 256  # images each serving candidate is checked on: +-1 point at 98%
@@ -450,6 +491,12 @@ def check_sample(val_images: int, train_images: int, calibrated: int) -> dict[st
     return {"val": val, "train": sorted(train)}
 
 
+@contextlib.contextmanager
+def _already_started() -> Iterator[Callable[[], None]]:
+    """A job's `start` where there is no job."""
+    yield lambda: None
+
+
 def package(params: Params, classes: list[str],
             trained: dict[str, tuple[np.ndarray, np.ndarray]],
             meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
@@ -464,12 +511,14 @@ def package(params: Params, classes: list[str],
     manifest order}: what `train` stored for the selective stage, models/embeddings.npz), not
     a pass of its own: the traced graph runs only on the CHUNK images that check the
     SavedModel (`checked_saved_model`), and those same images check `trained` itself
-    (`check_trained_answers`). The OpenVINO copies convert in a process of their own,
-    started first and reading the Keras file, while this one loads the model, writes the
-    SavedModel, converts the TFLite copy from its folder, runs `meanwhile(forward)` (the
-    caller's other work with the traced graph), then checks the SavedModel as loaded back
-    (its signatures run as traced, `graph_optimizer_off`). Returns (candidates by format,
-    the SavedModel's check)."""
+    (`check_trained_answers`). The Keras model is loaded and traced once, here, and the
+    OpenVINO float IR converted from that trace. The int8 copy (quantised from the float
+    IR) and the TFLite copy (converted from the SavedModel's folder) convert in processes of
+    their own, both started first and converting as soon as this one has written their
+    input; meanwhile it writes the SavedModel, runs `meanwhile(forward)` (the caller's
+    other work with the traced graph), then checks the SavedModel as loaded back (its
+    signatures run as traced, `graph_optimizer_off`). Returns (candidates by format, the
+    SavedModel's check)."""
     from imgclf.data.manifests import evenly_spaced_indices, pixels_of, read_manifest
     from imgclf.serving.runners import CHUNK
 
@@ -479,21 +528,33 @@ def package(params: Params, classes: list[str],
     openvino = {fmt: path.name for fmt, path in paths.SERVING_FORMATS.items()
                 if path.parent == paths.OPENVINO_DIR and path.name in params.package.openvino}
 
-    with io.replaced_dir(paths.OPENVINO_DIR) as staging:
-        calibration = ((params.package.calibration_images, size, resize)
-                       if "int8" in openvino.values() else None)
-        # Started before this process loads anything: its own loading overlaps ours.
-        with openvino_converting(paths.MODEL_FILE, {v: staging / v for v in openvino.values()},
-                                 calibration):
+    int8 = "int8" in openvino.values()
+    with io.replaced_dir(paths.OPENVINO_DIR) as staging, \
+            io.replacing(paths.SERVING_COPY) as serving_copy, \
+            tempfile.TemporaryDirectory(prefix="imgclf-openvino-") as scratch:
+        # int8 is quantised from the float IR, written even when float is not asked for.
+        float_ir = staging / "float" if "float" in openvino.values() else Path(scratch) / "float"
+        # Both jobs started before this process loads anything: they load their own
+        # libraries meanwhile, and start converting when their input is written.
+        with (openvino_int8_quantising(float_ir / OPENVINO_XML, staging / "int8",
+                                       (params.package.calibration_images, size, resize))
+              if int8 else _already_started()) as quantise_int8, \
+                tflite_converting(saved_model, serving_copy) as convert_tflite:
             import keras
 
             model = keras.models.load_model(paths.MODEL_FILE, safe_mode=True)
+            # The one trace of the network: the OpenVINO IR, the SavedModel's signatures,
+            # every check and the caller's work.
+            traced = traced_pixels(model)
+            if openvino:
+                write_openvino_float(traced, float_ir)
+                quantise_int8()
             with io.replaced_dir(saved_model) as written:
-                # The export's traced graph runs every check and the caller's work: one trace.
-                forward = write_saved_model(model, classes, size, resize, written)
+                forward = write_saved_model(model, classes, size, resize, written, traced)
+            convert_tflite()
             split_files = {split: read_manifest(split, classes)[0] for split in trained}
             sample = check_sample(len(split_files["val"]), len(split_files["train"]),
-                                  calibration[0] if calibration else 0)
+                                  params.package.calibration_images if int8 else 0)
             files = [split_files[split][i] for split, rows in sample.items() for i in rows]
             pixels = pixels_of(files, size, resize)
             reference, reference_features = (
@@ -505,8 +566,6 @@ def package(params: Params, classes: list[str],
             exact_probs, exact_features = forward(pixels[exact])
             check_trained_answers(exact_probs, exact_features, reference[exact],
                                   reference_features[exact])
-            with io.replacing(paths.SERVING_COPY) as tmp:
-                write_tflite(saved_model, {"dynamic": tmp})
             meanwhile(forward)
             # Each signature runs once, on one batch: TensorFlow's graph optimiser would take
             # longer to rewrite the network for it than the batch takes to run unrewritten.
@@ -515,8 +574,8 @@ def package(params: Params, classes: list[str],
                 saved_model_check = checked_saved_model(
                     load_saved_model(saved_model), saved_model, [files[i] for i in exact],
                     pixels[exact], exact_probs)
-        # Timed once the job has ended, so that nothing else shares the CPU.
-        made = {"tflite_dynamic": paths.SERVING_COPY,
+        # Timed once the jobs have ended, so that nothing else shares the CPU.
+        made = {"tflite_dynamic": serving_copy,
                 **{fmt: staging / variant for fmt, variant in openvino.items()}}
         candidates = checked_fastest_first(made, pixels, reference, reference_features)
     return candidates, saved_model_check

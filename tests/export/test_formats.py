@@ -75,15 +75,38 @@ def test_candidates_are_checked_fastest_first_until_one_agrees(monkeypatch):
     assert "slow" not in sample_calls and sample_calls["middle"] == 3
 
 
-def test_an_openvino_conversion_that_fails_stops_the_stage_with_its_error(tmp_path):
-    from imgclf.export.formats import openvino_converting
+def test_a_conversion_that_fails_stops_the_stage_with_its_error(tmp_path):
+    from imgclf.export.formats import tflite_converting
 
-    out = tmp_path / "float"
-    with pytest.raises(RuntimeError, match="OpenVINO conversion failed") as failed, \
-            openvino_converting(tmp_path / "no_model.keras", {"float": out}):
-        pass  # the caller's own work
-    assert "no_model.keras" in str(failed.value)  # the job's own error, not just its code
+    out = tmp_path / "model_dynamic.tflite"
+    with pytest.raises(RuntimeError, match="TFLite conversion failed") as failed, \
+            tflite_converting(tmp_path / "no_saved_model", out) as start:
+        start()  # the caller's own work done, the job's input in place (here: none)
+    assert "no_saved_model" in str(failed.value)  # the job's own error, not just its code
     assert not out.exists()
+
+
+def test_a_job_the_stage_never_starts_fails_the_stage_instead_of_waiting():
+    import subprocess
+    import sys
+
+    from imgclf.export.formats import _job_started_later
+
+    # A job waiting for its input as the conversion jobs do (job.wait_for_input): a stage
+    # that forgot to start it must not wait on it for ever.
+    waits = ("from imgclf.export import job; job.wait_for_input(); "
+             "job.run(lambda: print('converted'))")
+    with pytest.raises(RuntimeError, match="never started"), \
+            _job_started_later("test", [sys.executable, "-c", waits]):
+        pass
+    with _job_started_later("test", [sys.executable, "-c", waits]) as start:
+        start()
+    # Its input closed before the line that says it is whole: the job ends, converting nothing.
+    job = subprocess.Popen([sys.executable, "-c", waits], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+    job.stdin.close()
+    assert job.wait(timeout=60) == 3
+    assert b"converted" not in job.stdout.read()
 
 
 def test_a_job_leaves_no_process_of_its_own_behind(tmp_path):
@@ -120,19 +143,30 @@ def test_a_job_leaves_no_process_of_its_own_behind(tmp_path):
     assert not left()
 
 
-def test_the_openvino_job_exits_when_its_parent_is_gone(tiny_classifier, tmp_path):
+def _exits_when_its_parent_is_gone(module: str, args: list[str], cwd: Path) -> None:
     import subprocess
     import sys
 
     # The pipe's other end closed at once, as when the package stage is killed: the job
-    # stops instead of converting into a staging folder nobody will read.
-    tiny_classifier.save(tmp_path / "model.keras")
-    job = subprocess.Popen([sys.executable, "-m", "imgclf.export.openvino_job",
-                            str(tmp_path / "model.keras"), "-", f"float={tmp_path / 'float'}"],
+    # stops instead of converting into a staging path nobody will read.
+    job = subprocess.Popen([sys.executable, "-m", f"imgclf.export.{module}", *args], cwd=cwd,
                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     job.stdin.close()
-    assert job.wait(timeout=60) == 3, job.stderr.read().decode()[-2000:]
-    assert not (tmp_path / "float").exists()
+    assert job.wait(timeout=120) == 3, job.stderr.read().decode()[-2000:]
+
+
+def test_the_tflite_job_exits_when_its_parent_is_gone(tmp_path):
+    (tmp_path / "saved_model").mkdir()
+    _exits_when_its_parent_is_gone("tflite_job", ["saved_model", "model.tflite"], tmp_path)
+    assert not (tmp_path / "model.tflite").exists()
+
+
+def test_the_openvino_job_exits_when_its_parent_is_gone(trained_project, tmp_path):
+    # It decodes its calibration images first (the project's), then waits for the float IR.
+    _exits_when_its_parent_is_gone(
+        "openvino_job", [str(trained_project / "models/openvino/float/model.xml"), "4:75:crop",
+                         str(tmp_path / "int8")], trained_project)
+    assert not (tmp_path / "int8").exists()
 
 
 def test_export_formats_agree_with_keras_and_serve_image_bytes(trained_project):
