@@ -368,39 +368,31 @@ def job_and_its_group(command: list[str], out) -> Iterator[subprocess.Popen]:
 
 
 @contextlib.contextmanager
-def _conversion_job(what: str, command: list[str]) -> Iterator[subprocess.Popen]:
-    """`command` (a conversion job: `openvino_job`, `tflite_job`) run while the caller's
-    block runs (`job_and_its_group`), its output kept aside; on leaving the block, raises
-    its error, the end of its output, if it failed."""
-    with tempfile.TemporaryDirectory(prefix="imgclf-job-") as tmp:
-        log = Path(tmp) / "log"
-        with open(log, "wb") as out, job_and_its_group(command, out) as job:
-            yield job
-        if job.returncode != 0:
-            raise RuntimeError(f"{what} conversion failed (exit code {job.returncode}):\n"
-                               + log.read_text(errors="replace")[-3000:])
-
-
-@contextlib.contextmanager
 def _job_started_later(what: str, command: list[str]) -> Iterator[Callable[[], None]]:
     """`command` (a conversion job that loads its libraries, then waits for one line on its
     standard input before it reads its input: `job.wait_for_input`) started at once, while
-    the caller's block runs; the block is given `start`, to call once the job's input is
-    whole, and must call it. On leaving the block, waits for the job and raises its error
-    if it failed; an error in the block kills it."""
+    the caller's block runs (`job_and_its_group`), its output kept aside; the block is given
+    `start`, to call once the job's input is whole, and must call it. On leaving the block,
+    waits for the job and raises its error, the end of its output, if it failed; an error
+    in the block kills it."""
     started = []
-    with _conversion_job(what, command) as job:
-        def start() -> None:
-            started.append(True)
-            # A job that already failed (its libraries, its images) has closed the pipe: its
-            # own error is raised on leaving the block, not this one.
-            with contextlib.suppress(BrokenPipeError):
-                job.stdin.write(b"go\n")
-                job.stdin.flush()
+    with tempfile.TemporaryDirectory(prefix="imgclf-job-") as tmp:
+        log = Path(tmp) / "log"
+        with open(log, "wb") as out, job_and_its_group(command, out) as job:
+            def start() -> None:
+                started.append(True)
+                # A job that already failed (its libraries, its images) has closed the pipe:
+                # its own error is raised on leaving the block, not this one.
+                with contextlib.suppress(BrokenPipeError):
+                    job.stdin.write(b"go\n")
+                    job.stdin.flush()
 
-        yield start
-        if not started:
-            raise RuntimeError(f"the {what} job was never started")
+            yield start
+            if not started:
+                raise RuntimeError(f"the {what} job was never started")
+        if job.returncode != 0:
+            raise RuntimeError(f"{what} conversion failed (exit code {job.returncode}):\n"
+                               + log.read_text(errors="replace")[-3000:])
 
 
 def openvino_int8_quantising(float_xml: Path, folder: Path,
@@ -491,12 +483,6 @@ def check_sample(val_images: int, train_images: int, calibrated: int) -> dict[st
     return {"val": val, "train": sorted(train)}
 
 
-@contextlib.contextmanager
-def _already_started() -> Iterator[Callable[[], None]]:
-    """A job's `start` where there is no job."""
-    yield lambda: None
-
-
 def package(params: Params, classes: list[str],
             trained: dict[str, tuple[np.ndarray, np.ndarray]],
             meanwhile: Callable[[Callable], None] = lambda forward: None) -> tuple[dict, dict]:
@@ -538,7 +524,7 @@ def package(params: Params, classes: list[str],
         # libraries meanwhile, and start converting when their input is written.
         with (openvino_int8_quantising(float_ir / OPENVINO_XML, staging / "int8",
                                        (params.package.calibration_images, size, resize))
-              if int8 else _already_started()) as quantise_int8, \
+              if int8 else contextlib.nullcontext(lambda: None)) as quantise_int8, \
                 tflite_converting(saved_model, serving_copy) as convert_tflite:
             import keras
 
