@@ -573,6 +573,11 @@ def bench_pipeline_cost(work: Path, args) -> dict:
     best: dict[int, dict[str, dict]] = {images: {} for images in args.pipeline_images}
     repos: dict[int, Path] = {}
     for repeat in range(args.pipeline_repeats):
+        # Only the last repeat's repositories are used after the timings (the experiment,
+        # the forward passes): each earlier one goes once it is timed, so the bench needs
+        # the disk of one repeat, not of all of them.
+        if repeat:
+            shutil.rmtree(work / f"cost-{repeat - 1}")
         for images in args.pipeline_images:
             folder = work / f"cost-{repeat}"
             repo = repos[images] = _photo_repo(folder, images)

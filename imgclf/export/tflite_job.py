@@ -12,6 +12,7 @@ code 3.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from imgclf.export import job
 
 def main(argv: list[str] | None = None) -> None:
     saved_model, out = sys.argv[1:] if argv is None else argv
+    # TensorFlow imports all of Keras at its own import, to register Keras's optimizers for
+    # the SavedModels that hold them; the converter reads the graph and needs none of it.
+    # This switch points that import at tf_keras instead; where tf_keras is not installed,
+    # TensorFlow skips it.
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
     # Imported while the stage writes the SavedModel: the converter's modules, TensorFlow's.
     from tensorflow.lite.python import lite  # noqa: F401
 
