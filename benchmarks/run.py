@@ -448,15 +448,23 @@ def _photo_repo(work: Path, images: int, classes: int = 8) -> Path:
 # Linux carries the peak memory of the process a command is forked from across its exec: a
 # command forked from this process (TensorFlow loaded by the benches before) would report at
 # least this process's peak. A small launcher forks it instead, and writes its peak (KB) and
-# the wall-clock time it started (what `_pipeline_run` orders the stages by).
+# the wall-clock time it started (what `_pipeline_run` orders the stages by). A stage that
+# ran in a child of the warm server (imgclf/warm.py) is not the command's descendant: the
+# command writes that child's peak where IMGCLF_WARM_PEAK_FILE says.
 _LAUNCHER = """import os, sys, time
 started = time.time()
+served = sys.argv[1] + ".served"
+os.environ["IMGCLF_WARM_PEAK_FILE"] = served
 pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
+peak = usage.ru_maxrss
+if os.path.exists(served):
+    peak = max(peak, int(open(served).read()))
+    os.remove(served)
 with open(sys.argv[1], "w") as out:
-    out.write(f"{usage.ru_maxrss} {started}")
+    out.write(f"{peak} {started}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 

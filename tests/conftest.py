@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,11 @@ from PIL import Image
 from stage_server import StageServer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Stage commands run as plain processes here (imgclf/warm.py): a warm server each test's
+# `dvc repro` started would outlive it. The suite's own server (stage_server.py) forks the
+# stages it runs itself; tests/test_warm.py turns warm starts on where it tests them.
+os.environ["IMGCLF_WARM"] = "0"
 
 
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
@@ -102,7 +108,7 @@ _STAGES = StageServer(ROOT)
 def run_module(module: str, cwd: Path, *args: str, timeout: int = 600):
     """`python -m module args` in `cwd`, as a completed process; forked from this worker's
     stage server (TensorFlow imported once: tests/stage_server.py) where it can be."""
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if _STAGES.usable_for(env):
         return _STAGES.run(module, cwd, args, env, timeout)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,

@@ -16,7 +16,7 @@ LAYERS = {
     "core": {"data", "model", "training", "features", "metrics", "params", "plots", "cards"},
     "serving": {"serving"},
     "adapter": {"tracking", "export", "evaluation"},
-    "entry": {"cli"},
+    "entry": {"cli", "warm"},
 }
 MAY_IMPORT = {
     "base": {"base"},
