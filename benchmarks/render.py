@@ -142,7 +142,7 @@ def _pipeline_at(pipeline: dict) -> list[str]:
                  f"repository{turns})" if pipeline.get("runs_per_size", 1) > 1 else "")
               + ", its fixed part (the line through both sizes, at zero images: what the "
               f"stage costs before its first image) and its peak memory ({peak}), at each "
-              "dataset size:"), "",
+              "dataset size. " + _STARTS[bool(pipeline.get("warm_starts"))]), "",
              "| stage | " + " | ".join(f"{n} images: s" for n in sizes) + " | fixed s | "
              + " | ".join(f"{n} images: peak MB" for n in sizes) + " |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
@@ -171,6 +171,15 @@ _STAGE_TIMING = {
     "dvc repro": ("Seconds of each stage in one `dvc repro` of the whole pipeline, from its "
                   "start to the next stage's, DVC hashing and caching its outputs included",
                   "the stage's process"),
+}
+
+
+# How its stages started (the record's `warm_starts`; absent: before warm starts existed).
+_STARTS = {
+    True: ("Each run started with no warm server: the first stage started one and ran as a "
+           "fresh process, every later stage in a child of it ([warm starts](pipeline.md#"
+           "what-each-stage-costs)):"),
+    False: "Every stage ran as a fresh process (no warm starts):",
 }
 
 

@@ -658,6 +658,8 @@ def bench_pipeline_cost(work: Path, args) -> dict:
             "image_size": size, "images": [small, large], "classes": 8,
             "runs_per_size": args.pipeline_repeats, "sizes_interleaved": True,
             "timed_with": "dvc repro",  # one run of the whole pipeline (_pipeline_run)
+            # stages after the first in a child of the warm server, as users run them
+            "warm_starts": os.environ.get("IMGCLF_WARM", "1") != "0",
             "photo": "400x300 JPEG", "epochs": "params.yaml defaults, no early stop",
             "seconds_by_stage": {n: {k: v["seconds"] for k, v in r["stages"].items()}
                                  for n, r in runs.items()},

@@ -46,9 +46,13 @@ STARTING_WAIT_SECONDS = 60  # how long a run waits for a server that is still im
 IMPORT_TIME_PREFIXES = ("TF_", "KERAS_", "CUDA_", "OMP_", "PYTHON", "XLA_", "LD_", "LC_",
                         "LANG")
 # The libraries the server imports for its children: what the stages import before their
-# work (imgclf first: its environment defaults and TensorFlow's quiet import).
+# work (imgclf first: its environment defaults and TensorFlow's quiet import), and what
+# MLflow imports only once a stage opens its store (the embedded SQLite one) or loads a
+# model as it serves. Not OpenVINO: its import starts a thread (see `serve`).
 PRELOAD = ("imgclf", "tensorflow", "keras", "mlflow", "sklearn.metrics", "sklearn.covariance",
-           "sklearn.neighbors", "pandas", "matplotlib.pyplot")
+           "sklearn.neighbors", "pandas", "matplotlib.pyplot",
+           "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+           "sqlalchemy.dialects.sqlite", "alembic.config", "mlflow.pyfunc.loaders")
 _HEADER = struct.Struct("!Q")
 
 
@@ -208,10 +212,6 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
 
 def _run_child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the stage command's process, run the module, exit."""
-    import importlib
-    import runpy
-    import traceback
-
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                    signal.SIGCHLD):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
@@ -220,18 +220,29 @@ def _run_child(request: dict, fds: list[int]) -> None:
         os.dup2(fd, target)
         os.close(fd)
     os.umask(request["umask"])
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
     # The server's own stream objects, now on the run's descriptors, buffered as a fresh
     # interpreter buffers them: stdout line by line only to a terminal, stderr always.
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
     sys.stdout.reconfigure(line_buffering=os.isatty(1), write_through=unbuffered)
     sys.stderr.reconfigure(line_buffering=True, write_through=unbuffered)
+    run_as_main(request["module"], request["args"], request["cwd"], request["env"])
+
+
+def run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str]) -> None:
+    """`python -m module args` run in `cwd` with environment `env` by this process, a child
+    forked from a server that imported imgclf and the libraries (here, and the test
+    suite's own, tests/stage_server.py); ends the process with its exit status, as the
+    interpreter's exit would (`errors.finish`)."""
+    import importlib
+    import runpy
+    import traceback
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
     importlib.reload(sys.modules["imgclf"])  # its environment defaults, on this run's
-    module = request["module"]
-    sys.argv = [module, *request["args"]]
-    sys.path[0] = request["cwd"]  # `python -m` puts the working folder first
+    sys.argv = [module, *args]
+    sys.path[0] = cwd  # `python -m` puts the working folder first
     code = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

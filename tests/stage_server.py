@@ -4,8 +4,9 @@
 each time; a test suite runs stages dozens of times. One server process per pytest worker
 imports them once and forks a child per stage run: the child changes to the run's folder,
 takes the caller's environment, writes to its own stdout/stderr files and runs the module as
-`-m` would, so the stage's code runs unchanged in a process of its own. A run whose
-environment changes what those imports read (TF_*, KERAS_*, CUDA_*, OMP_*, PYTHON*) gets a
+`-m` would (`imgclf.warm.run_as_main`, what the warm server's children run), so the
+stage's code runs unchanged in a process of its own. A run whose environment changes what
+those imports read (TF_*, KERAS_*, CUDA_*, ...: `imgclf.warm.IMPORT_TIME_PREFIXES`) gets a
 plain fresh interpreter instead, as does every run when the server cannot start.
 """
 
@@ -21,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-IMPORT_TIME_PREFIXES = ("TF_", "KERAS_", "CUDA_", "OMP_", "PYTHON", "XLA_", "LD_")
+from imgclf.warm import IMPORT_TIME_PREFIXES  # what a forked child would not read anew
 
 SERVER = r"""
-import json, os, runpy, sys, threading, traceback
+import json, os, sys, threading
 import imgclf  # its environment defaults and the quiet TensorFlow import, as a stage has
 import tensorflow, keras, mlflow  # noqa: F401  the imports every child inherits
 
@@ -35,30 +36,9 @@ def run(request):
     for fd, target in ((fd_in, 0), (out, 1), (err, 2)):
         os.dup2(fd, target)
         os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    import importlib
-    importlib.reload(imgclf)  # its setdefaults, on this run's environment
-    sys.argv = [request["module"], *request["args"]]
-    sys.path[0] = request["cwd"]  # `python -m` puts the working folder first
-    code = 0
-    try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        if stop.code is None:
-            code = 0
-        elif isinstance(stop.code, int):
-            code = stop.code
-        else:
-            print(stop.code, file=sys.stderr)
-            code = 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    from imgclf.errors import finish  # the interpreter's exit, as a stage that returns ends
+    from imgclf.warm import run_as_main  # what the warm server's children run
 
-    finish(code)
+    run_as_main(request["module"], request["args"], request["cwd"], request["env"])
 
 replies = os.fdopen(int(sys.argv[1]), "w", buffering=1)
 replies.write(json.dumps({"ready": threading.active_count()}) + "\n")

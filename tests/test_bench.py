@@ -3,7 +3,10 @@ peak memory its own, adding up to the whole run."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+
+from conftest import ROOT
 
 from benchmarks.run import _pipeline_run, _versioned
 
@@ -45,3 +48,28 @@ def test_one_dvc_repro_gives_each_stage_its_own_seconds_and_peak(tmp_path):
     assert sum(r["seconds"] for r in ran.values()) >= whole - 1.0  # nothing left out
     assert ran["second"]["peak_rss_mb"] >= 300
     assert ran["first"]["peak_rss_mb"] < 100
+
+
+def test_a_stage_run_by_the_warm_server_reports_its_own_peak(tmp_path, monkeypatch):
+    # As users run it, a stage after the first runs in a child of the warm server
+    # (imgclf/warm.py), not in the command the bench times: its peak must still be its own.
+    repo = tmp_path / "repo"
+    (repo / "stages").mkdir(parents=True)
+    (repo / "imgclf").symlink_to(ROOT / "imgclf")
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / "stages/__init__.py").write_text((ROOT / "stages/__init__.py").read_text())
+    (repo / "stages/first.py").write_text(FIRST)
+    (repo / "stages/second.py").write_text(
+        SECOND + "import sys\nopen('served.txt', 'w').write(str('tensorflow' in sys.modules))\n")
+    (repo / ".gitignore").write_text("/imgclf\n/served.txt\n")
+    _versioned(repo)
+    servers = tmp_path / "servers"
+    monkeypatch.setenv("IMGCLF_WARM", "1")
+    monkeypatch.setenv("IMGCLF_WARM_DIR", str(servers))
+    try:
+        # `first` starts the server and runs as a plain process; `second` waits for it.
+        ran = _pipeline_run(repo, tmp_path / "work", ("first", "second"))
+    finally:
+        subprocess.run(["pkill", "-f", f"imgclf.warm {servers}"], check=False)
+    assert (repo / "served.txt").read_text() == "True"
+    assert ran["second"]["peak_rss_mb"] >= 300
