@@ -13,9 +13,9 @@ the command dies, the server kills the child. The server ends after IDLE_SECONDS
 run.
 
 - `IMGCLF_WARM=0` turns it off: every stage imports its libraries itself.
-- A run whose environment changes what those imports read (TF_*, KERAS_*, CUDA_*, OMP_*,
-  PYTHON*, XLA_*, LD_*), another Python or other installed libraries gets a server of its
-  own (`_key`).
+- A run whose environment changes what those imports read (`IMPORT_TIME_PREFIXES`: TF_*,
+  KERAS_*, CUDA_*, ..., the locale), another Python, other installed libraries or another
+  copy of the project gets a server of its own (`_key`).
 - A run that finds no server, or one that does not answer, runs as a plain process.
 - `IMGCLF_WARM_DIR` sets where the servers' sockets live (default: a folder of this user's
   under XDG_RUNTIME_DIR or the temporary folder).
@@ -298,7 +298,9 @@ def serve(folder: Path, key: str) -> None:
             for selected, _ in selector.select(timeout=0.05 if children else 1.0):
                 if selected.fileobj is listener:
                     conn, _ = listener.accept()
-                    _start_child(conn, [lock, listener, selector], selector, children)
+                    if pid := _start_child(conn, [lock, listener, selector, *children.values()]):
+                        children[pid] = conn
+                        selector.register(conn, selectors.EVENT_READ)
                     last = time.monotonic()
                 else:  # the command's connection: anything but its end is ignored
                     conn = selected.fileobj
@@ -331,11 +333,10 @@ def serve(folder: Path, key: str) -> None:
         listener.close()
 
 
-def _start_child(conn: socket.socket, servers_own: list, selector,
-                 children: dict[int, socket.socket]) -> None:
-    """A child for the request on `conn` (from this user only), registered in `children`
-    and its id sent back; `servers_own`: what the child closes first (the lock, the
-    listening socket, the selector)."""
+def _start_child(conn: socket.socket, servers_own: list) -> int | None:
+    """A child for the request on `conn` (from this user only), its id sent back on `conn`;
+    the child's id, or None when none runs. `servers_own`: what the child closes first (the
+    lock, the listening socket, the selector, the other commands' connections)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     try:
@@ -346,23 +347,22 @@ def _start_child(conn: socket.socket, servers_own: list, selector,
         conn.settimeout(None)
     except (OSError, ValueError):
         conn.close()
-        return
+        return None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        for own in [*servers_own, conn, *children.values()]:
+        for own in [*servers_own, conn]:
             own.close()
         _run_child(request, fds)
     for fd in fds:
         os.close(fd)
-    children[pid] = conn
     try:
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-    except OSError:
+    except OSError:  # the command is gone: so is its stage
         os.kill(pid, signal.SIGKILL)
-        return
-    selector.register(conn, selectors.EVENT_READ)
+    # Registered either way: the child is reaped, and its connection closed, with the rest.
+    return pid
 
 
 if __name__ == "__main__":
